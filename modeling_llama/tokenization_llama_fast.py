@@ -107,9 +107,7 @@ def convert_sentencepiece_to_tokenizer(vocab_file: str) -> Tokenizer:
     tok.decoder = decoders.Sequence(dec)
 
     specials = [
-        AddedToken(piece, special=True, normalized=False)
-        for piece, _, kind in pieces
-        if kind in (_UNKNOWN, _CONTROL)
+        AddedToken(piece, special=True, normalized=False) for piece, _, kind in pieces if kind in (_UNKNOWN, _CONTROL)
     ]
     tok.add_special_tokens(specials)
     user_defined = [
@@ -197,9 +195,7 @@ class LlamaTokenizerFast(TokenizersBackend):
             special.append((str(bos), self.convert_tokens_to_ids(str(bos))))
         if add_eos:
             special.append((str(eos), self.convert_tokens_to_ids(str(eos))))
-        self._tokenizer.post_processor = processors.TemplateProcessing(
-            single=single, pair=pair, special_tokens=special
-        )
+        self._tokenizer.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=special)
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> tuple[str, ...]:
         """Save ``tokenizer.json`` (+ ``tokenizer.model``) and a config that stock transformers reads faithfully.

@@ -42,7 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if not Path(args.tokenizer).is_file():
-        print(f"error: tokenizer file {args.tokenizer} not found; pass --tokenizer PATH/tokenizer.model", file=sys.stderr)
+        print(
+            f"error: tokenizer file {args.tokenizer} not found; pass --tokenizer PATH/tokenizer.model", file=sys.stderr
+        )
         return 2
 
     import torch
