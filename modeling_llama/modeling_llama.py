@@ -342,6 +342,43 @@ class LlamaPreTrainedModel(PreTrainedModel):
                 f.write(model_card(self))
         return result
 
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        commit_message: str | None = None,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        max_shard_size: int | str = "5GB",
+        **kwargs,
+    ):
+        """Upload the folder :meth:`save_pretrained` writes (weights, config, code files, our model card).
+
+        transformers' generic ``push_to_hub`` replaces the model card with its template; this keeps ours.
+        """
+        import tempfile
+
+        from huggingface_hub import CommitOperationAdd, HfApi
+
+        api = HfApi(token=token)
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(tmp, max_shard_size=max_shard_size)
+            operations = [
+                CommitOperationAdd(path_in_repo=name, path_or_fileobj=os.path.join(tmp, name))
+                for name in sorted(os.listdir(tmp))
+                if os.path.isfile(os.path.join(tmp, name))
+            ]
+            return api.create_commit(
+                repo_id=repo_id,
+                operations=operations,
+                commit_message=commit_message or f"Upload {type(self).__name__}",
+                revision=revision,
+                create_pr=create_pr,
+            )
+
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
         if isinstance(module, (nn.Linear, nn.Embedding)):

@@ -52,7 +52,10 @@ def test_small_presets_build_and_overrides_apply():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"hidden_size": 100, "num_attention_heads": 3}, "hidden_size \\(100\\) must be divisible by num_attention_heads"),
+        (
+            {"hidden_size": 100, "num_attention_heads": 3},
+            "hidden_size \\(100\\) must be divisible by num_attention_heads",
+        ),
         ({"hidden_size": 66, "num_attention_heads": 6}, "head_dim .* = 11 is odd"),
         ({"num_key_value_heads": 5}, "num_key_value_heads \\(5\\) must be a positive divisor"),
         ({"hidden_act": "gelu"}, "hidden_act='silu'"),
@@ -75,14 +78,26 @@ def test_config_json_is_read_identically_by_stock_transformers(tmp_path):
     ours.save_pretrained(tmp_path)
     stock = transformers.AutoConfig.from_pretrained(tmp_path)
     assert type(stock) is transformers.LlamaConfig
-    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads", "rms_norm_eps", "vocab_size", "max_position_embeddings", "bos_token_id",
-                "eos_token_id", "tie_word_embeddings", "head_dim"):
+    for key in (
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "rms_norm_eps",
+        "vocab_size",
+        "max_position_embeddings",
+        "bos_token_id",
+        "eos_token_id",
+        "tie_word_embeddings",
+        "head_dim",
+    ):
         assert getattr(stock, key) == getattr(ours, key), key
     assert stock.rope_parameters["rope_theta"] == 10000.0
     # and a stock config (with the legacy top-level rope_theta) reads into ours
-    legacy = transformers.LlamaConfig(hidden_size=256, intermediate_size=688, num_attention_heads=4,
-                                      num_hidden_layers=2).to_dict()
+    legacy = transformers.LlamaConfig(
+        hidden_size=256, intermediate_size=688, num_attention_heads=4, num_hidden_layers=2
+    ).to_dict()
     legacy.pop("rope_parameters", None)
     legacy["rope_theta"] = 10000.0
     back = LlamaConfig.from_dict(legacy)

@@ -37,7 +37,10 @@ def test_logits_match_stock_transformers():
 def test_logits_match_meta_style_forward(n_heads):
     dim, n_layers, vocab = 64, 2, 300
     cfg = LlamaConfig(
-        hidden_size=dim, num_attention_heads=n_heads, num_hidden_layers=n_layers, vocab_size=vocab,
+        hidden_size=dim,
+        num_attention_heads=n_heads,
+        num_hidden_layers=n_layers,
+        vocab_size=vocab,
         max_position_embeddings=64,
     )
     meta = random_meta_weights(dim, n_layers, n_heads, vocab, cfg.intermediate_size, seed=n_heads)
@@ -78,9 +81,20 @@ def test_architecture_matches_paper():
     expected = {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}."
-        expected |= {p + s + ".weight" for s in (
-            "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
-            "mlp.up_proj", "mlp.down_proj", "input_layernorm", "post_attention_layernorm")}
+        expected |= {
+            p + s + ".weight"
+            for s in (
+                "self_attn.q_proj",
+                "self_attn.k_proj",
+                "self_attn.v_proj",
+                "self_attn.o_proj",
+                "mlp.gate_proj",
+                "mlp.up_proj",
+                "mlp.down_proj",
+                "input_layernorm",
+                "post_attention_layernorm",
+            )
+        }
     assert set(model.state_dict()) == expected
     assert sum(p.numel() for p in model.parameters()) == cfg.num_parameters()
     assert LlamaForCausalLM._no_split_modules == ["LlamaDecoderLayer"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import sentencepiece as spm
@@ -148,7 +149,9 @@ def test_fast_tokenizer_folder_round_trip_and_stock_loading(real, tmp_path):
     assert {"tokenizer.json", "tokenizer.model", "tokenizer_config.json"} <= {p.name for p in tmp_path.iterdir()}
     cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
     assert cfg["auto_map"]["AutoTokenizer"] == [
-        "tokenization_llama.LlamaTokenizer", "tokenization_llama_fast.LlamaTokenizerFast"]
+        "tokenization_llama.LlamaTokenizer",
+        "tokenization_llama_fast.LlamaTokenizerFast",
+    ]
     loaded = [
         LlamaTokenizerFast.from_pretrained(tmp_path),
         LlamaTokenizer.from_pretrained(tmp_path),
@@ -166,7 +169,7 @@ def test_fast_tokenizer_folder_round_trip_and_stock_loading(real, tmp_path):
 def test_importing_our_package_does_not_change_stock_llama_tokenizer_resolution(real_tokenizer_path, tmp_path):
     # A folder that says tokenizer_class "LlamaTokenizer" (as stock checkpoints do) still gets stock's class.
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer"}))
-    (tmp_path / "tokenizer.model").write_bytes(open(real_tokenizer_path, "rb").read())
+    (tmp_path / "tokenizer.model").write_bytes(Path(real_tokenizer_path).read_bytes())
     tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
     assert type(tok).__module__.startswith("transformers.")
 
