@@ -497,6 +497,8 @@ class LlamaModel(LlamaPreTrainedModel):
 class LlamaForCausalLM(LlamaPreTrainedModel, GenerationMixin):
     """LLaMA with its (untied) language-model head; ``generate()`` comes from ``GenerationMixin``."""
 
+    # Tied only if a config asks for it (LLaMA's default is untied), as in stock transformers.
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
     _tp_plan = {"lm_head": "colwise_gather_output"}
     _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
 

@@ -279,3 +279,46 @@ def test_model_package_imports_nothing_from_training_or_distribution():
                 continue
             for mod in mods:
                 assert not any(mod == f or mod.startswith(f + ".") for f in forbidden), f"{path.name} imports {mod}"
+
+
+def test_embeddings_are_untied_unless_the_config_ties_them():
+    untied = LlamaForCausalLM(tiny_config())
+    assert untied.lm_head.weight.data_ptr() != untied.model.embed_tokens.weight.data_ptr()
+    tied = LlamaForCausalLM(tiny_config(tie_word_embeddings=True))
+    assert tied.lm_head.weight.data_ptr() == tied.model.embed_tokens.weight.data_ptr()
+    assert sum(p.numel() for p in tied.parameters()) == tied.config.num_parameters()
+
+
+def test_device_map_never_splits_a_decoder_layer(tmp_path):
+    accelerate = pytest.importorskip("accelerate")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_config(num_hidden_layers=4))
+    sizes = accelerate.utils.compute_module_sizes(model)
+    budget = sizes[""] // 3
+    device_map = accelerate.infer_auto_device_map(
+        model,
+        max_memory={0: budget, 1: budget, "cpu": sizes[""]},
+        no_split_module_classes=model._no_split_modules,
+    )
+    assert len(set(device_map.values())) > 1, device_map
+    for name in device_map:  # entries are whole layers (or coarser), never parts of one
+        assert not any(name.startswith(f"model.layers.{i}.") for i in range(4)), name
+    model.save_pretrained(tmp_path)
+    loaded = LlamaForCausalLM.from_pretrained(tmp_path, device_map="auto")
+    ids = torch.randint(0, 512, (1, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model.eval()(ids).logits)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flash_attention_2 needs a CUDA device")
+def test_flash_attention_2_matches_sdpa_on_gpu():
+    pytest.importorskip("flash_attn")
+    ours, _ = twin_models(seed=12)
+    ours = ours.to("cuda", torch.bfloat16)
+    ids = torch.randint(0, 512, (2, 64), device="cuda")
+    with torch.no_grad():
+        ref = ours(ids).logits
+        ours.set_attn_implementation("flash_attention_2")
+        out = ours(ids).logits
+    torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)

@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--input_sentence_size", type=int, default=0, help="sample at most N lines (0: all)")
     p.add_argument("--num_threads", type=int, default=None, help="trainer threads (default: all cores)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--verbose", action="store_true", help="print sentencepiece's training log")
+    p.add_argument("--quiet", action="store_true", help="hide sentencepiece's training log (its progress report)")
     args = p.parse_args(argv)
     try:
         train_tokenizer(
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
             input_sentence_size=args.input_sentence_size,
             num_threads=args.num_threads,
             seed=args.seed,
-            verbose=args.verbose,
+            verbose=not args.quiet,
         )
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
