@@ -438,7 +438,7 @@ class LlamaModel(LlamaPreTrainedModel):
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
-        if self.gradient_checkpointing and self.training and use_cache:
+        if self.training and use_cache and any(layer.gradient_checkpointing for layer in self.layers):
             use_cache = False  # recomputation in backward would append to the cache a second time
 
         if inputs_embeds is None:
@@ -470,7 +470,7 @@ class LlamaModel(LlamaPreTrainedModel):
                 hidden_states,
                 attention_mask=causal_mask,
                 position_ids=position_ids,
-                past_key_values=past_key_values if use_cache else None,
+                past_key_values=past_key_values,
                 use_cache=use_cache,
                 position_embeddings=position_embeddings,
                 output_attentions=output_attentions,
@@ -487,7 +487,7 @@ class LlamaModel(LlamaPreTrainedModel):
 
         output = BaseModelOutputWithPast(
             last_hidden_state=hidden_states,
-            past_key_values=past_key_values if use_cache else None,
+            past_key_values=past_key_values,
             hidden_states=tuple(all_hidden) if all_hidden is not None else None,
             attentions=tuple(all_attn) if all_attn is not None else None,
         )
