@@ -261,10 +261,16 @@ AUTO_MAP = {
 }
 
 
-def model_card(model: PreTrainedModel) -> str:
-    """A Hub model card (YAML metadata + usage) describing ``model``'s architecture."""
-    c = model.config
-    n_params = sum(p.numel() for p in model.parameters())
+def model_card(config: LlamaConfig, n_params: int, dtype: torch.dtype | str, source: str = "") -> str:
+    """A Hub model card (YAML metadata + usage) for a LLaMA folder.
+
+    Args:
+        config: the model's config.
+        n_params: number of parameters.
+        dtype: dtype of the saved weights.
+        source: optional sentence on where the weights come from (e.g. a conversion).
+    """
+    c = config
     meta = "\n".join(
         [
             "---",
@@ -287,7 +293,8 @@ Models"): pre-norm RMSNorm, SwiGLU feed-forward, rotary position embeddings, no 
 | hidden size | layers | heads | FFN width | context | vocabulary | dtype |
 |---|---|---|---|---|---|---|
 | {c.hidden_size} | {c.num_hidden_layers} | {c.num_attention_heads} | {c.intermediate_size} | \
-{c.max_position_embeddings} | {c.vocab_size} | {str(model.dtype).replace("torch.", "")} |
+{c.max_position_embeddings} | {c.vocab_size} | {str(dtype).replace("torch.", "")} |
+{source}
 
 ## Usage
 
@@ -309,6 +316,30 @@ tokenizer = AutoTokenizer.from_pretrained("PATH_OR_REPO", trust_remote_code=True
 The tokenizer gives the ids of `sentencepiece` on `tokenizer.model` (BOS prepended). LLaMA has no pad token:
 batches are padded with `<unk>` (id 0) on the left, and the attention mask carries the padding.
 """
+
+
+def push_folder_to_hub(
+    folder: str | os.PathLike,
+    repo_id: str,
+    commit_message: str = "Upload LLaMA",
+    private: bool | None = None,
+    token: str | bool | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
+):
+    """Create ``repo_id`` if needed and upload every file of ``folder`` in one commit."""
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    api = HfApi(token=token)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    operations = [
+        CommitOperationAdd(path_in_repo=name, path_or_fileobj=os.path.join(folder, name))
+        for name in sorted(os.listdir(folder))
+        if os.path.isfile(os.path.join(folder, name))
+    ]
+    return api.create_commit(
+        repo_id=repo_id, operations=operations, commit_message=commit_message, revision=revision, create_pr=create_pr
+    )
 
 
 class LlamaPreTrainedModel(PreTrainedModel):
@@ -339,7 +370,7 @@ class LlamaPreTrainedModel(PreTrainedModel):
         card = os.path.join(save_directory, "README.md")
         if not os.path.exists(card) and os.path.isdir(save_directory):
             with open(card, "w", encoding="utf-8") as f:
-                f.write(model_card(self))
+                f.write(model_card(self.config, sum(p.numel() for p in self.parameters()), self.dtype))
         return result
 
     def push_to_hub(
@@ -360,21 +391,14 @@ class LlamaPreTrainedModel(PreTrainedModel):
         """
         import tempfile
 
-        from huggingface_hub import CommitOperationAdd, HfApi
-
-        api = HfApi(token=token)
-        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
         with tempfile.TemporaryDirectory() as tmp:
             self.save_pretrained(tmp, max_shard_size=max_shard_size)
-            operations = [
-                CommitOperationAdd(path_in_repo=name, path_or_fileobj=os.path.join(tmp, name))
-                for name in sorted(os.listdir(tmp))
-                if os.path.isfile(os.path.join(tmp, name))
-            ]
-            return api.create_commit(
-                repo_id=repo_id,
-                operations=operations,
+            return push_folder_to_hub(
+                tmp,
+                repo_id,
                 commit_message=commit_message or f"Upload {type(self).__name__}",
+                private=private,
+                token=token,
                 revision=revision,
                 create_pr=create_pr,
             )
