@@ -70,22 +70,32 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise ConversionError(f"{path}: file not found")
-    try:
-        try:
-            state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e) or "zipfile" not in str(e).lower():
-                raise
-            warnings.warn(
-                f"{path} uses the legacy (pre-zip) torch format and cannot be memory-mapped; it is read into memory.",
-                stacklevel=2,
+    is_zip = zipfile.is_zipfile(path)
+    if not is_zip:
+        with path.open("rb") as f:
+            head = f.read(1)
+        if head != b"\x80":  # neither the zip format (torch >= 1.6) nor a legacy pickle stream
+            raise ConversionError(
+                f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): "
+                "no zip directory and no pickle header"
             )
-            state = torch.load(path, map_location="cpu", weights_only=True)
+        warnings.warn(
+            f"{path} uses the legacy (pre-zip) torch format and cannot be memory-mapped; it is read into memory.",
+            stacklevel=2,
+        )
+    try:
+        state = torch.load(path, map_location="cpu", mmap=is_zip, weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        message = str(e)
+        if "Unsupported global" in message or "GLOBAL" in message:
+            detail = next((ln.strip() for ln in message.splitlines() if "Unsupported global" in ln), "")
+            raise ConversionError(
+                f"{path}: refusing to load: it holds pickled objects other than tensors, which could run code "
+                f"(weights-only loading rejected {detail or 'it'})"
+            ) from None
         raise ConversionError(
-            f"{path}: refusing to load: it holds pickled objects other than tensors, which could run code "
-            f"(weights-only loading rejected it: {first})"
+            f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): "
+            f"{message.strip().splitlines()[-1] if message.strip() else e!r}"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
         raise ConversionError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {e}") from None

@@ -103,6 +103,14 @@ def find_shards(size_dir: Path, model_size: str) -> list[Path]:
     if not found:
         raise ConversionError(f"{size_dir}: no consolidated.NN.pth shard files found")
     n = max(found) + 1
+    checklist = size_dir / "checklist.chk"
+    if checklist.is_file():  # Meta's md5 list names every shard of the release
+        for line in checklist.read_text().splitlines():
+            m = SHARD_RE.match(line.split()[-1]) if line.strip() else None
+            if m and not (size_dir / m.group(0)).is_file():
+                raise ConversionError(f"{size_dir / m.group(0)}: missing (listed in checklist.chk)")
+            if m:
+                n = max(n, int(m.group(1)) + 1)
     for k in range(n):
         if k not in found:
             raise ConversionError(f"{size_dir / f'consolidated.{k:02d}.pth'}: missing shard {k} of {n}")

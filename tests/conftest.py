@@ -80,3 +80,49 @@ def twin_models(seed: int = 0, **overrides):
     missing, unexpected = stock.load_state_dict(ours.state_dict(), strict=True)
     assert not missing and not unexpected
     return ours, stock
+
+
+class FakeHub:
+    """The network edge of huggingface_hub: records what create_repo/create_commit would send."""
+
+    def __init__(self):
+        self.repos, self.files = [], {}
+
+    @classmethod
+    def install(cls, monkeypatch) -> FakeHub:
+        """Replace the calls that would reach the network (repo creation, commits, card download)."""
+        import huggingface_hub
+
+        hub = cls()
+        monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda api, *a, **k: hub.create_repo(*a, **k))
+        monkeypatch.setattr(huggingface_hub.HfApi, "create_commit", lambda api, *a, **k: hub.create_commit(*a, **k))
+        monkeypatch.setattr(huggingface_hub.ModelCard, "load", staticmethod(hub.load_card))
+        return hub
+
+    def create_repo(self, repo_id, **kwargs):
+        from huggingface_hub import RepoUrl
+
+        self.repos.append(repo_id)
+        return RepoUrl(f"https://huggingface.co/{repo_id}")
+
+    def create_commit(self, repo_id, operations, **kwargs):
+        from huggingface_hub import CommitInfo
+
+        for op in operations:
+            src = op.path_or_fileobj
+            data = Path(src).read_bytes() if isinstance(src, str) else src
+            self.files[(repo_id, op.path_in_repo)] = data
+        return CommitInfo(
+            commit_url=f"https://huggingface.co/{repo_id}/commit/0",
+            commit_message="",
+            commit_description="",
+            oid="0" * 40,
+        )
+
+    def load_card(self, repo_id, **kwargs):
+        from huggingface_hub import ModelCard
+        from huggingface_hub.errors import EntryNotFoundError
+
+        if (repo_id, "README.md") not in self.files:
+            raise EntryNotFoundError("README.md not found")
+        return ModelCard(self.files[(repo_id, "README.md")].decode())

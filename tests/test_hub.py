@@ -7,12 +7,11 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 import transformers
-from conftest import tiny_config, twin_models
+from conftest import FakeHub, tiny_config, twin_models
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, TextStreamer, pipeline
 
 import modeling_llama
@@ -195,49 +194,9 @@ def test_pipeline_single_batched_and_streaming(folder):
     assert "".join(streamer.chunks).strip() == new.strip() and new.strip()
 
 
-class FakeHub:
-    """The network edge of huggingface_hub: records what create_repo/create_commit would send."""
-
-    def __init__(self):
-        self.repos, self.files = [], {}
-
-    def create_repo(self, repo_id, **kwargs):
-        from huggingface_hub import RepoUrl
-
-        self.repos.append(repo_id)
-        return RepoUrl(f"https://huggingface.co/{repo_id}")
-
-    def create_commit(self, repo_id, operations, **kwargs):
-        from huggingface_hub import CommitInfo
-
-        for op in operations:
-            src = op.path_or_fileobj
-            data = Path(src).read_bytes() if isinstance(src, str) else src
-            self.files[(repo_id, op.path_in_repo)] = data
-        return CommitInfo(
-            commit_url=f"https://huggingface.co/{repo_id}/commit/0",
-            commit_message="",
-            commit_description="",
-            oid="0" * 40,
-        )
-
-    def load_card(self, repo_id, **kwargs):
-        from huggingface_hub import ModelCard
-        from huggingface_hub.errors import EntryNotFoundError
-
-        if (repo_id, "README.md") not in self.files:
-            raise EntryNotFoundError("README.md not found")
-        return ModelCard(self.files[(repo_id, "README.md")].decode())
-
-
 def test_push_to_hub_sends_the_whole_folder(monkeypatch, folder, real_tokenizer_path):
-    import huggingface_hub
-
     _, model = folder
-    hub = FakeHub()
-    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda api, *a, **k: hub.create_repo(*a, **k))
-    monkeypatch.setattr(huggingface_hub.HfApi, "create_commit", lambda api, *a, **k: hub.create_commit(*a, **k))
-    monkeypatch.setattr(huggingface_hub.ModelCard, "load", staticmethod(hub.load_card))
+    hub = FakeHub.install(monkeypatch)
     model.push_to_hub("someone/tiny-llama")
     LlamaTokenizerFast(vocab_file=real_tokenizer_path).push_to_hub("someone/tiny-llama")
     sent = {name for repo, name in hub.files if repo == "someone/tiny-llama"}
