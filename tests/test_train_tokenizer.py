@@ -75,7 +75,7 @@ def test_cli_jsonl_input_and_help(tmp_path):
 @pytest.mark.parametrize(
     ("content", "args", "message"),
     [
-        (None, [], "input file .*missing.txt does not exist"),
+        (None, [], "missing.txt: input file not found"),
         ('{"text": "ok"}\nnot json\n', ["--vocab_size", "600"], "docs.jsonl:2: not a JSON object"),
         ('{"body": "x"}\n', ["--vocab_size", "600"], "docs.jsonl:1: expected an object with a string field 'text'"),
         ('{"text": "tiny corpus"}\n', ["--vocab_size", "100"], "vocab_size=100 is too small"),

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import sys
 from collections.abc import Iterator, Sequence
@@ -49,28 +48,12 @@ PAPER_SETTINGS: dict = {
 
 
 def iter_texts(paths: Sequence[str | os.PathLike], text_key: str = "text") -> Iterator[str]:
-    """Yield documents from ``.txt`` (one file = one document) and ``.jsonl``/``.json`` files (``text_key``)."""
+    """Documents of every input (``.txt``, ``.jsonl``, ``.parquet``, compressed, ``embedded:NAME``, datasets
+    folders), read by :func:`training.data.read_documents`."""
+    from training.data import read_documents
+
     for path in paths:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"input file {path} does not exist")
-        if path.suffix in (".jsonl", ".json"):
-            with path.open(encoding="utf-8") as f:
-                for lineno, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"{path}:{lineno}: not a JSON object ({e.msg})") from e
-                    if not isinstance(record, dict) or not isinstance(record.get(text_key), str):
-                        raise ValueError(f"{path}:{lineno}: expected an object with a string field {text_key!r}")
-                    yield record[text_key]
-        else:
-            try:
-                yield path.read_text(encoding="utf-8")
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{path} is not UTF-8 text ({e})") from e
+        yield from read_documents(path, text_key)
 
 
 def iter_sentences(paths: Sequence[str | os.PathLike], text_key: str = "text", max_bytes: int = 4192) -> Iterator[str]:
@@ -79,8 +62,7 @@ def iter_sentences(paths: Sequence[str | os.PathLike], text_key: str = "text", m
     Newlines are never part of a sentencepiece training sentence (they become byte-fallback tokens), and lines
     longer than ``max_bytes`` are cut into chunks so that sentencepiece does not silently drop them.
     """
-    total = sum(Path(p).stat().st_size for p in paths if Path(p).is_file())
-    with tqdm(total=total, unit="B", unit_scale=True, desc="reading corpus", file=sys.stderr) as bar:
+    with tqdm(unit="B", unit_scale=True, desc="reading corpus", file=sys.stderr) as bar:
         for doc in iter_texts(paths, text_key):
             for line in doc.split("\n"):
                 bar.update(len(line.encode("utf-8")) + 1)
@@ -159,7 +141,13 @@ def main(argv: list[str] | None = None) -> int:
         description="Train a SentencePiece BPE tokenizer with LLaMA's settings (split digits, byte fallback, "
         "identity normalization, whitespace kept) and write a folder LlamaTokenizer/LlamaTokenizerFast load.",
     )
-    p.add_argument("--input", nargs="+", required=True, help=".txt files or .jsonl files with a text field")
+    p.add_argument(
+        "--input",
+        nargs="+",
+        required=True,
+        help=".txt (one document per file), .jsonl (text_key field) or .parquet files, optionally .gz/.xz, "
+        "datasets folders, or embedded:shakespeare",
+    )
     p.add_argument("--output_dir", required=True, help="folder to write the tokenizer to")
     p.add_argument("--vocab_size", type=int, default=32000, help="vocabulary size (default 32000, as LLaMA)")
     p.add_argument("--text_key", default="text", help="JSONL field holding the text (default: text)")
@@ -168,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--quiet", action="store_true", help="hide sentencepiece's training log (its progress report)")
     args = p.parse_args(argv)
+    from training.data import DataError
+
     try:
         train_tokenizer(
             args.input,
@@ -179,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             verbose=not args.quiet,
         )
-    except (FileNotFoundError, ValueError) as e:
+    except (DataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
