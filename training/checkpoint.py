@@ -120,9 +120,13 @@ def load_hf_state_dict_from_checkpoint(ckpt: str | Path) -> dict[str, torch.Tens
     info = json.loads((ckpt / "checkpoint_info.json").read_text()) if (ckpt / "checkpoint_info.json").is_file() else {}
     kind = info.get("kind")
     if kind == "fsdp2" or (ckpt / ".metadata").is_file():
+        import warnings
+
         from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
 
-        flat = _load_state_dict_from_keys(checkpoint_id=str(ckpt / "dcp"))
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.simplefilter("ignore", UserWarning)
+            flat = _load_state_dict_from_keys(checkpoint_id=str(ckpt / "dcp"))
         model = flat.get("model", flat)
         if not isinstance(model, dict):
             raise CheckpointError(f"{ckpt}: unexpected DCP layout")

@@ -106,6 +106,14 @@ def _check_value(cls_name: str, field: dataclasses.Field, tp: Any, value: Any) -
         raise ConfigError(f"{cls_name}.{field.name} cannot be null")
     if origin is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if origin in (int, float) and isinstance(value, str):  # YAML 1.1 reads 3e14 (no sign, no dot) as a string
+        try:
+            number = float(value)
+        except ValueError:
+            raise ConfigError(f"{cls_name}.{field.name} must be {origin.__name__}, got {value!r}") from None
+        if origin is int and not number.is_integer():
+            raise ConfigError(f"{cls_name}.{field.name} must be int, got {value!r}")
+        return origin(number)
     if origin is int and isinstance(value, float) and value.is_integer():
         return int(value)
     if origin in (int, float, str, bool, list, dict) and not (
@@ -122,7 +130,7 @@ def parse_config(
     hints = typing.get_type_hints(cls)
     fields = [f for f in dataclasses.fields(cls) if f.init]
     parser = argparse.ArgumentParser(
-        prog=prog, description=description or cls.__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        prog=prog, description=description or cls.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--config", default=None, help="YAML file with field: value pairs (CLI flags override it)")
     for f in fields:
@@ -137,7 +145,7 @@ def parse_config(
             type=_converter(tp, f.name),
             default=argparse.SUPPRESS,
             metavar=_base_type(tp)[0].__name__.upper() if hasattr(_base_type(tp)[0], "__name__") else "VALUE",
-            help=f"{f.metadata.get('help', '')} (default: {default!r})",
+            help=f"{f.metadata.get('help', '')} (default: {default!r})".replace("%", "%%"),
         )
     args = vars(parser.parse_args(argv))
     values: dict[str, Any] = {}

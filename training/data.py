@@ -150,6 +150,8 @@ def _input_id(spec: str) -> str:
     if spec.startswith("embedded:"):
         return spec
     p = Path(spec).resolve()
+    if not p.exists():
+        raise DataError(f"{spec}: input file not found")
     st = p.stat()
     return f"{p}:{st.st_size}:{int(st.st_mtime)}"
 
@@ -201,10 +203,15 @@ def prepare_data(
                 f"{out}: prepared with another tokenizer ({meta.get('tokenizer')} != {fingerprint}); "
                 "use a new output folder"
             )
-        if meta.get("complete") and meta.get("inputs") == ids:
+        done = int(meta.get("done", 0))
+        if meta.get("paths") != inputs or meta.get("inputs", [])[:done] != ids[:done]:
+            raise DataError(
+                f"{out}: holds data prepared from other inputs (or a finished input changed since); "
+                "use a new output folder"
+            )
+        if meta.get("complete"):
             return meta
-        if meta.get("inputs") != ids:
-            raise DataError(f"{out}: holds data prepared from other inputs; use a new output folder")
+        meta["inputs"] = ids  # inputs not read yet may have been fixed in between
     else:
         meta = {
             "tokenizer": fingerprint,
@@ -212,6 +219,7 @@ def prepare_data(
             "dtype": dtype,
             "bos_token_id": bos,
             "eos_token_id": eos,
+            "paths": inputs,
             "inputs": ids,
             "done": 0,
             "tokens": 0,

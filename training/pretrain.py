@@ -103,7 +103,7 @@ class PretrainConfig:
     # --- logging, evaluation, checkpoints
     logging_steps: int = _f(10, "write metrics every N steps (metrics.jsonl gets every step)")
     eval_steps: int = _f(200, "validation every N steps (0: only at the end)")
-    eval_batches: int = _f(8, "micro-batches per process in a validation pass")
+    eval_sequences: int = _f(64, "held-out sequences per validation pass (split across processes)")
     save_steps: int = _f(500, "checkpoint every N steps (and at the end)")
     save_total_limit: int | None = _f(3, "keep this many checkpoints")
     resume_from_checkpoint: str | None = _f(None, "a checkpoint folder, or latest")
@@ -130,6 +130,7 @@ class PretrainConfig:
             (self.per_device_train_batch_size >= 1, "per_device_train_batch_size must be >= 1"),
             (self.save_steps >= 1 and self.logging_steps >= 1, "save_steps and logging_steps must be >= 1"),
             (self.max_consecutive_nonfinite >= 1, "max_consecutive_nonfinite must be >= 1"),
+            (self.eval_sequences >= 1, "eval_sequences must be >= 1"),
             (isinstance(self.data_sources, list) and len(self.data_sources) > 0, "data_sources must be a list"),
         ]
         for ok, message in checks:
@@ -315,6 +316,8 @@ def setup(cfg: PretrainConfig) -> Trainer:
     if env_fsdp and os.environ.get("FSDP_VERSION", "1") != "2":
         raise ConfigError("the accelerate config asks for FSDP version 1; this trainer uses FSDP2 (fsdp_version: 2)")
     use_fsdp2 = cfg.parallelism == "fsdp2" or env_fsdp
+    # DeepSpeed runs on CPU through its own CPU accelerator; accelerate must not be put in cpu mode for it.
+    env_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     report_to = [r for r in cfg.report_to if r != "none"]
     if "tensorboard" in report_to:
         try:
@@ -323,7 +326,7 @@ def setup(cfg: PretrainConfig) -> Trainer:
             report_to.remove("tensorboard")
     run_dir = Path(cfg.output_dir)
     accelerator = Accelerator(
-        cpu=not cuda,
+        cpu=not cuda and not env_deepspeed,
         mixed_precision="bf16" if bf16 and not use_fsdp2 else "no",
         gradient_accumulation_steps=accum,
         log_with=report_to or None,
@@ -422,7 +425,9 @@ def setup(cfg: PretrainConfig) -> Trainer:
     if resume is not None:
         load_checkpoint(trainer, resume)
     trainer.metrics = MetricsWriter(
-        run_dir / "metrics.jsonl", resume_step=state.step if resume else None, enabled=accelerator.is_main_process
+        run_dir / "metrics.jsonl",
+        resume_step=trainer.state.step if resume else None,
+        enabled=accelerator.is_main_process,
     )
     if report_to:
         flat = {
@@ -438,7 +443,8 @@ def setup(cfg: PretrainConfig) -> Trainer:
             f"{accelerator.num_processes} process(es), micro-batch {micro} x accumulation {accum} x "
             f"world {accelerator.num_processes} = {seqs_per_step} sequences of {cfg.seq_length} "
             f"tokens per step, {'bf16' if bf16 else 'fp32'}, activation checkpointing "
-            f"{cfg.activation_checkpointing}" + (f"; resumed from {resume} at step {state.step}" if resume else ""),
+            f"{cfg.activation_checkpointing}"
+            + (f"; resumed from {resume} at step {trainer.state.step}" if resume else ""),
         )
     return trainer
 
@@ -530,13 +536,22 @@ def evaluate(t: Trainer) -> dict[str, float]:
     was_training = t.model.training
     t.model.eval()
     total = torch.zeros(2, device=acc.device, dtype=torch.float64)
+    draws = [mixture.next_draw() for _ in range(t.cfg.eval_sequences)]
+    mine = draws[rank::world]  # the same sequences whatever the number of processes
+    # Sharded models need every rank in every forward: all ranks run the same number of batches, padding with a
+    # repeated sequence that carries no weight.
+    n_batches = math.ceil(math.ceil(len(draws) / world) / t.micro)
     with torch.no_grad():
-        for _ in range(t.cfg.eval_batches):
-            draws = [mixture.next_draw() for _ in range(t.micro * world)]
-            mine = draws[rank * t.micro : (rank + 1) * t.micro]
-            batch = torch.from_numpy(np.stack([mixture.read(*d) for d in mine])).to(acc.device)
-            total[0] += _loss(t.model, batch).double() * batch[:, 1:].numel()
-            total[1] += batch[:, 1:].numel()
+        for k in range(n_batches):
+            chunk = mine[k * t.micro : (k + 1) * t.micro]
+            weight = len(chunk)
+            chunk = chunk + [draws[0]] * (t.micro - len(chunk))
+            batch = torch.from_numpy(np.stack([mixture.read(*d) for d in chunk])).to(acc.device)
+            logits = t.model(input_ids=batch[:, :-1], use_cache=False).logits.float()
+            losses = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="none")
+            losses = losses.view(batch.shape[0], -1)[:weight]
+            total[0] += losses.double().sum()
+            total[1] += losses.numel()
     total = acc.reduce(total, reduction="sum")
     if was_training:
         t.model.train()
