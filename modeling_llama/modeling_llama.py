@@ -467,7 +467,8 @@ class LlamaModel(LlamaPreTrainedModel):
 
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)  # (B, T, D)
-        if use_cache and past_key_values is None:
+        fresh_cache = use_cache and past_key_values is None
+        if fresh_cache:
             past_key_values = DynamicCache(config=self.config)
         if position_ids is None:
             past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
@@ -479,7 +480,9 @@ class LlamaModel(LlamaPreTrainedModel):
             config=self.config,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
+            # A cache created just now is empty: leave it out so that packed sequences (position_ids restarting
+            # at 0, no attention mask) still get their block-diagonal mask when forward is called with a cache.
+            past_key_values=None if fresh_cache else past_key_values,
             position_ids=position_ids,
         )
 
