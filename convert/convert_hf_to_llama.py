@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from convert.common import DTYPES, ConversionError, atomic_output_dir
-from convert.keymap import KEYMAP, KNOWN_SIZES, KeySpec, permute_hf_to_meta
+from convert.keymap import KNOWN_SIZES, KeySpec, permute_hf_to_meta, tensor_plan
 from convert.torch_stream import StreamingTorchSave
 
 __all__ = ["convert_hf_to_llama", "main"]
@@ -135,31 +135,7 @@ def convert_hf_to_llama(
         raise ConversionError(f"--dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
     out_dtype = DTYPES[dtype] if dtype else {"F16": torch.float16, "BF16": torch.bfloat16}.get(ref_dtype, torch.float32)
 
-    shapes = {
-        "tok_embeddings.weight": (v, d),
-        "attention.wq.weight": (d, d),
-        "attention.wk.weight": (kv, d),
-        "attention.wv.weight": (kv, d),
-        "attention.wo.weight": (d, d),
-        "feed_forward.w1.weight": (f, d),
-        "feed_forward.w2.weight": (d, f),
-        "feed_forward.w3.weight": (f, d),
-        "attention_norm.weight": (d,),
-        "ffn_norm.weight": (d,),
-        "norm.weight": (d,),
-        "output.weight": (v, d),
-    }
-    order: list[tuple[KeySpec, str, str, tuple[int, ...]]] = []
-    for spec in KEYMAP:
-        if spec.meta == "tok_embeddings.weight":
-            order.append((spec, spec.meta, spec.hf, shapes[spec.meta]))
-    for i in range(config.num_hidden_layers):
-        for spec in (s for s in KEYMAP if s.per_layer):
-            short = spec.meta.split("{i}.", 1)[1]
-            order.append((spec, spec.meta.format(i=i), spec.hf.format(i=i), shapes[short]))
-    for spec in KEYMAP:
-        if not spec.per_layer and spec.meta != "tok_embeddings.weight":
-            order.append((spec, spec.meta, spec.hf, shapes[spec.meta]))
+    order = tensor_plan(config)
     missing = [hf for _, _, hf, _ in order if hf not in weights]
     if missing:
         raise ConversionError(f"{input_dir}: missing weight(s) {missing[:5]}")

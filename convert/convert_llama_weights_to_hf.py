@@ -31,7 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from convert.common import DTYPES, ConversionError, atomic_output_dir, load_checkpoint, parse_size, verify_checklist
-from convert.keymap import DROPPED_META_KEYS, KEYMAP, KNOWN_SIZES, KeySpec, permute_meta_to_hf
+from convert.keymap import DROPPED_META_KEYS, KNOWN_SIZES, KeySpec, permute_meta_to_hf, tensor_plan
 from convert.safetensors_stream import ShardedSafetensorsWriter, TensorSpec
 
 __all__ = ["convert_llama_to_hf", "read_params", "config_from_params", "main"]
@@ -132,38 +132,6 @@ def _tokenizer_vocab_size(path: Path) -> int:
         raise ConversionError(f"{path}: not a SentencePiece model ({e})") from None
 
 
-def _plan(config) -> list[tuple[KeySpec, str, str, tuple[int, ...]]]:
-    """Every output tensor in writing order: (spec, meta name, hf name, full shape)."""
-    d, f, v = config.hidden_size, config.intermediate_size, config.vocab_size
-    kv = config.num_key_value_heads * config.head_dim
-    shapes = {
-        "tok_embeddings.weight": (v, d),
-        "attention.wq.weight": (d, d),
-        "attention.wk.weight": (kv, d),
-        "attention.wv.weight": (kv, d),
-        "attention.wo.weight": (d, d),
-        "feed_forward.w1.weight": (f, d),
-        "feed_forward.w2.weight": (d, f),
-        "feed_forward.w3.weight": (f, d),
-        "attention_norm.weight": (d,),
-        "ffn_norm.weight": (d,),
-        "norm.weight": (d,),
-        "output.weight": (v, d),
-    }
-    plan = []
-    head = [s for s in KEYMAP if not s.per_layer and s.meta.startswith("tok_")]
-    tail = [s for s in KEYMAP if not s.per_layer and not s.meta.startswith("tok_")]
-    for spec in head:
-        plan.append((spec, spec.meta, spec.hf, shapes[spec.meta]))
-    for i in range(config.num_hidden_layers):
-        for spec in (s for s in KEYMAP if s.per_layer):
-            short = spec.meta.split("{i}.", 1)[1]
-            plan.append((spec, spec.meta.format(i=i), spec.hf.format(i=i), shapes[short]))
-    for spec in tail:
-        plan.append((spec, spec.meta, spec.hf, shapes[spec.meta]))
-    return plan
-
-
 def _merge(spec: KeySpec, meta_name: str, shape: tuple[int, ...], shards: list[dict], files: list[Path]):
     """Gather one tensor from the model-parallel shards (fairscale split rules), checking every slice's shape."""
     n = len(shards)
@@ -260,7 +228,7 @@ def convert_llama_to_hf(
     config = config_from_params(params, vocab_size, max_position_embeddings, source=str(size_dir / "params.json"))
     shards = [load_checkpoint(f) for f in files]
 
-    plan = _plan(config)
+    plan = tensor_plan(config)
     expected_keys = {meta for _, meta, _, _ in plan}
     for shard, path in zip(shards, files):
         unexpected = set(shard) - expected_keys - set(DROPPED_META_KEYS)

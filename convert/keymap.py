@@ -25,6 +25,7 @@ __all__ = [
     "KNOWN_SIZES",
     "KeySpec",
     "meta_layer_keys",
+    "tensor_plan",
     "permute_meta_to_hf",
     "permute_hf_to_meta",
 ]
@@ -81,6 +82,38 @@ KNOWN_SIZES: dict[str, tuple[int, int, int, int]] = {
 def meta_layer_keys(i: int) -> list[tuple[KeySpec, str, str]]:
     """(spec, meta name, hf name) for every tensor of decoder layer ``i``."""
     return [(s, s.meta.format(i=i), s.hf.format(i=i)) for s in KEYMAP if s.per_layer]
+
+
+def tensor_plan(config) -> list[tuple[KeySpec, str, str, tuple[int, ...]]]:
+    """Every tensor of a LLaMA with ``config`` in checkpoint order: (spec, Meta name, HF name, full shape).
+
+    Order: embeddings, then layer by layer, then the final norm and the output projection, so that a converter
+    streaming this list holds one layer's tensors at a time.
+    """
+    d, f, v = config.hidden_size, config.intermediate_size, config.vocab_size
+    kv = config.num_key_value_heads * config.head_dim
+    shapes = {
+        "tok_embeddings.weight": (v, d),
+        "attention.wq.weight": (d, d),
+        "attention.wk.weight": (kv, d),
+        "attention.wv.weight": (kv, d),
+        "attention.wo.weight": (d, d),
+        "feed_forward.w1.weight": (f, d),
+        "feed_forward.w2.weight": (d, f),
+        "feed_forward.w3.weight": (f, d),
+        "attention_norm.weight": (d,),
+        "ffn_norm.weight": (d,),
+        "norm.weight": (d,),
+        "output.weight": (v, d),
+    }
+    first = [s for s in KEYMAP if s.meta == "tok_embeddings.weight"]
+    layer = [s for s in KEYMAP if s.per_layer]
+    last = [s for s in KEYMAP if not s.per_layer and s.meta != "tok_embeddings.weight"]
+    plan = [(s, s.meta, s.hf, shapes[s.meta]) for s in first]
+    for i in range(config.num_hidden_layers):
+        plan += [(s, s.meta.format(i=i), s.hf.format(i=i), shapes[s.meta.split("{i}.", 1)[1]]) for s in layer]
+    plan += [(s, s.meta, s.hf, shapes[s.meta]) for s in last]
+    return plan
 
 
 def permute_meta_to_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:

@@ -325,6 +325,11 @@ def setup(cfg: PretrainConfig) -> Trainer:
         except ImportError:
             report_to.remove("tensorboard")
     run_dir = Path(cfg.output_dir)
+    # A run started in a process that already used Accelerate (a notebook, a Trainer, a test) must not inherit
+    # its mixed-precision/plugin state; the process group (PartialState) is kept.
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
     accelerator = Accelerator(
         cpu=not cuda and not env_deepspeed,
         mixed_precision="bf16" if bf16 and not use_fsdp2 else "no",
@@ -605,6 +610,12 @@ def train_step(t: Trainer, micro_batches: list[torch.Tensor]) -> dict[str, Any]:
     mean_loss = acc.reduce(torch.stack(losses).mean(), reduction="mean").item()
     grad_norm = _clip(t)
     finite = math.isfinite(mean_loss) and (grad_norm is None or math.isfinite(grad_norm))
+    if not finite and t.mode == "deepspeed":
+        # the engine already stepped inside backward: the parameters can no longer be trusted
+        raise NonFiniteError(
+            f"non-finite gradient norm at step {step} under DeepSpeed, whose engine applies the update inside "
+            f"backward; resume from the last checkpoint ({t.manager.latest()}) with a lower learning_rate"
+        )
     lr = t.scheduler.get_last_lr()[0]
     if finite:
         t.optimizer.step()

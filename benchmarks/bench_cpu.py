@@ -1,0 +1,283 @@
+"""CPU benchmarks, ours vs stock transformers side by side in one process (these machines are noisy: compare
+ratios, not absolute numbers). Writes benchmarks/results/cpu.{json,md}.
+
+    python benchmarks/bench_cpu.py                 # everything (~10 minutes on 2 cores)
+    python benchmarks/bench_cpu.py --only decode   # train | decode | tokenizer
+
+- train: forward + backward + AdamW step, tokens/s, ``100M`` preset (105M parameters), seq 512, fp32 and bf16
+  autocast, same weights in both models.
+- decode: greedy generation tokens/s at batch 1 and 8 and prefill latency, ours vs stock with the dynamic cache;
+  our fastest path (static cache, ``torch.compile``d decode step, bf16 weights); and the memory-bandwidth bound
+  (weight bytes per token / measured copy bandwidth).
+- tokenizer: encode MB/s of ours (fast, slow) vs sentencepiece on the ~5 MB Shakespeare corpus, with mismatches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import lzma
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+
+def _twins(preset: str, seed: int = 0):
+    import transformers
+
+    from modeling_llama import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig.from_preset(preset)
+    ours = LlamaForCausalLM(cfg)
+    stock = transformers.LlamaForCausalLM(transformers.LlamaConfig.from_dict(cfg.to_dict()))
+    stock.load_state_dict(ours.state_dict())
+    return ours, stock
+
+
+def _timeit(fn, repeats: int, warmup: int = 1) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+# ------------------------------------------------------------------------------------------------ training step
+def bench_train(preset: str, seq: int, batch: int, repeats: int) -> list[dict]:
+    rows = []
+    ours, stock = _twins(preset)
+    ids = torch.randint(0, ours.config.vocab_size, (batch, seq))
+    for dtype in ("fp32", "bf16"):
+        result = {}
+        for name, model in (("stock", stock), ("ours", ours)):
+            model.train()
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True)
+
+            def step(model=model, opt=opt):
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+                    loss = model(input_ids=ids, labels=ids).loss
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+            # interleave the two models' repetitions so drifting machine load hits both alike
+            result[name] = step
+        times = {"stock": [], "ours": []}
+        for name in ("stock", "ours"):
+            result[name]()  # warm-up
+        for _ in range(repeats):
+            for name in ("stock", "ours"):
+                t0 = time.perf_counter()
+                result[name]()
+                times[name].append(time.perf_counter() - t0)
+        tok = batch * seq
+        med = {k: statistics.median(v) for k, v in times.items()}
+        rows.append({"bench": "train step", "dtype": dtype, "tokens_per_step": tok,
+                     "stock_tokens_per_s": tok / med["stock"], "ours_tokens_per_s": tok / med["ours"],
+                     "ratio": med["stock"] / med["ours"], "times": times})
+        gc.collect()
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------ decoding
+def copy_bandwidth(n_bytes: int = 1 << 29, repeats: int = 5) -> float:
+    """Bytes/s of a large tensor copy (read + write counted once each, like STREAM copy: 2 x size)."""
+    src = torch.empty(n_bytes // 4, dtype=torch.float32).uniform_()
+    dst = torch.empty_like(src)
+    best = min(_timeit(lambda: dst.copy_(src), repeats))
+    return 2 * n_bytes / best
+
+
+class FastDecoder:
+    """Our fastest CPU decode path: bf16 weights, a StaticCache, and a torch.compile'd one-token step."""
+
+    def __init__(self, model, batch: int, max_len: int, dtype=torch.bfloat16, compile: bool = True) -> None:
+        from transformers import StaticCache
+
+        self.model = model.to(dtype).eval()
+        self.cache = StaticCache(config=model.config, max_cache_len=max_len)
+        self.batch = batch
+
+        def step(ids, pos):
+            out = self.model(input_ids=ids, position_ids=pos[None].expand(ids.shape[0], -1), past_key_values=self.cache,
+                             use_cache=True, cache_position=pos)
+            return out.logits[:, -1].argmax(-1)
+
+        self.step = torch.compile(step, fullgraph=True, dynamic=False) if compile else step
+
+    @torch.no_grad()
+    def generate(self, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
+        self.cache.reset()
+        t = prompt.shape[1]
+        pos = torch.arange(t)
+        out = self.model(input_ids=prompt, position_ids=pos[None].expand(prompt.shape[0], -1),
+                         past_key_values=self.cache, use_cache=True, cache_position=pos)
+        nxt = out.logits[:, -1].argmax(-1)
+        tokens = [nxt]
+        for i in range(new_tokens - 1):
+            nxt = self.step(nxt[:, None], torch.tensor([t + i]))
+            tokens.append(nxt)
+        return torch.stack(tokens, 1)
+
+
+def bench_decode(preset: str, prompt_len: int, new_tokens: int, repeats: int, compile: bool) -> list[dict]:
+    rows = []
+    ours, stock = _twins(preset)
+    ours.eval()
+    stock.eval()
+    bw = copy_bandwidth()
+    n_params = sum(p.numel() for p in ours.parameters())
+    emb = ours.model.embed_tokens.weight.numel()
+    for batch in (1, 8):
+        prompt = torch.randint(3, ours.config.vocab_size, (batch, prompt_len))
+        kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+        with torch.no_grad():
+            ref = ours.generate(prompt, **kw)
+            assert torch.equal(ref, stock.generate(prompt, **kw)), "ours and stock must agree"
+        times = {"stock": [], "ours": []}
+        prefill = {"stock": [], "ours": []}
+        with torch.no_grad():
+            for _ in range(repeats):
+                for name, m in (("stock", stock), ("ours", ours)):
+                    t0 = time.perf_counter()
+                    m.generate(prompt, **kw)
+                    times[name].append(time.perf_counter() - t0)
+                    t0 = time.perf_counter()
+                    m(prompt)
+                    prefill[name].append(time.perf_counter() - t0)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        row = {"bench": "greedy decode", "batch": batch, "prompt": prompt_len, "new_tokens": new_tokens,
+               "stock_tokens_per_s": batch * new_tokens / med["stock"],
+               "ours_tokens_per_s": batch * new_tokens / med["ours"], "ratio": med["stock"] / med["ours"],
+               "stock_prefill_ms": 1e3 * statistics.median(prefill["stock"]),
+               "ours_prefill_ms": 1e3 * statistics.median(prefill["ours"])}
+        # the fastest path: bf16 weights + static cache + compiled step
+        import copy
+
+        fast_model = copy.deepcopy(ours)
+        dec = FastDecoder(fast_model, batch, prompt_len + new_tokens + 1, compile=compile)
+        t0 = time.perf_counter()
+        dec.generate(prompt, new_tokens)  # compiles
+        row["fast_compile_s"] = time.perf_counter() - t0
+        fast_times = _timeit(lambda dec=dec, prompt=prompt: dec.generate(prompt, new_tokens), repeats, warmup=1)
+        med_fast = statistics.median(fast_times)
+        row["fast_tokens_per_s"] = batch * new_tokens / med_fast
+        row["fast_vs_stock"] = med["stock"] / med_fast
+        # bandwidth bound: every decoded step reads all weights once (bf16: 2 bytes) + a small KV cache
+        weight_bytes = (n_params - emb) * 2 + emb * 0  # the embedding table is gathered, not streamed
+        row["copy_bandwidth_GBps"] = bw / 1e9
+        row["bound_tokens_per_s_bf16"] = batch * bw / weight_bytes
+        row["fast_fraction_of_bound"] = row["fast_tokens_per_s"] / row["bound_tokens_per_s_bf16"]
+        with torch.no_grad():
+            agree = (dec.generate(prompt, new_tokens) == ref[:, prompt_len:]).float().mean().item()
+        row["fast_agreement_with_fp32_greedy"] = agree
+        rows.append(row)
+        del fast_model, dec
+        gc.collect()
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------ tokenizer
+def bench_tokenizer(repeats: int) -> list[dict]:
+    import sentencepiece as spm
+
+    from modeling_llama import LlamaTokenizer, LlamaTokenizerFast
+
+    docs = [json.loads(line)["text"] for line in lzma.open(REPO / "training/data/shakespeare.jsonl.xz", "rt")]
+    mb = sum(len(d.encode()) for d in docs) / 1e6
+    model = str(REPO / "tests/fixtures/tokenizer.model")
+    sp = spm.SentencePieceProcessor(model_file=model)
+    fast = LlamaTokenizerFast(vocab_file=model)
+    slow = LlamaTokenizer(vocab_file=model)
+    reference = sp.encode(docs)
+    runs = {
+        "sentencepiece (1 thread)": lambda: sp.encode(docs),
+        f"sentencepiece ({os.cpu_count()} threads)": lambda: sp.encode(docs, num_threads=os.cpu_count()),
+        "ours fast (batch)": lambda: [e.ids for e in fast.backend_tokenizer.encode_batch(docs, add_special_tokens=False)],
+        "ours fast (__call__)": lambda: [ids[1:] for ids in fast(docs)["input_ids"]],
+        "ours slow": lambda: [ids[1:] for ids in slow(docs)["input_ids"]],
+    }
+    rows = []
+    for name, fn in runs.items():
+        out = fn()
+        mismatches = sum(a != b for a, b in zip(out, reference))
+        best = min(_timeit(fn, repeats, warmup=0))
+        rows.append({"bench": "tokenizer encode", "tokenizer": name, "MB_per_s": mb / best, "MB": mb,
+                     "documents": len(docs), "mismatched_documents": mismatches})
+    return rows
+
+
+def to_markdown(meta: dict, results: dict) -> str:
+    lines = [f"CPU benchmarks ({meta['date']}, {meta['machine']}, {meta['cpus']} CPUs, torch {meta['torch']}, "
+             f"transformers {meta['transformers']})", ""]
+    if results.get("train"):
+        lines += ["| training step (100M, seq 512) | stock tok/s | ours tok/s | ours / stock |", "|---|---|---|---|"]
+        for r in results["train"]:
+            lines.append(f"| {r['dtype']}, batch {r['tokens_per_step'] // 512} | {r['stock_tokens_per_s']:,.0f} | "
+                         f"{r['ours_tokens_per_s']:,.0f} | {r['ratio']:.2f}x |")
+        lines.append("")
+    if results.get("decode"):
+        lines += ["| greedy decode (100M) | stock tok/s | ours tok/s | ours / stock | fastest tok/s | fastest / stock "
+                  "| bound tok/s (bf16) | fastest / bound | prefill ms stock / ours |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in results["decode"]:
+            lines.append(
+                f"| batch {r['batch']}, {r['prompt']}+{r['new_tokens']} | {r['stock_tokens_per_s']:.1f} | "
+                f"{r['ours_tokens_per_s']:.1f} | {r['ratio']:.2f}x | {r['fast_tokens_per_s']:.1f} | "
+                f"{r['fast_vs_stock']:.2f}x | {r['bound_tokens_per_s_bf16']:.1f} | {r['fast_fraction_of_bound']:.0%} | "
+                f"{r['stock_prefill_ms']:.0f} / {r['ours_prefill_ms']:.0f} |")
+        lines.append("")
+    if results.get("tokenizer"):
+        lines += ["| tokenizer encode (5 MB) | MB/s | mismatched documents |", "|---|---|---|"]
+        for r in results["tokenizer"]:
+            lines.append(f"| {r['tokenizer']} | {r['MB_per_s']:.2f} | {r['mismatched_documents']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", choices=["train", "decode", "tokenizer"], action="append")
+    p.add_argument("--preset", default="100M")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--train_batch", type=int, default=4)
+    p.add_argument("--new_tokens", type=int, default=64)
+    p.add_argument("--no_compile", action="store_true", help="skip torch.compile in the fastest decode path")
+    p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    args = p.parse_args()
+    import transformers
+
+    todo = args.only or ["tokenizer", "decode", "train"]
+    meta = {"date": time.strftime("%Y-%m-%d"), "machine": platform.platform(), "cpus": os.cpu_count(),
+            "torch": torch.__version__, "transformers": transformers.__version__, "threads": torch.get_num_threads()}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "cpu.json"
+    results = json.loads(path.read_text())["results"] if path.is_file() else {}
+    if "tokenizer" in todo:
+        results["tokenizer"] = bench_tokenizer(args.repeats)
+    if "decode" in todo:
+        results["decode"] = bench_decode(args.preset, 32, args.new_tokens, args.repeats, not args.no_compile)
+    if "train" in todo:
+        results["train"] = bench_train(args.preset, 512, args.train_batch, args.repeats)
+    path.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
+    md = to_markdown(meta, results)
+    (out / "cpu.md").write_text(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
