@@ -143,3 +143,49 @@ def test_fsdp2_matches_single_process_resumes_and_exports(reference, tmp_path):
     assert export_main(["--checkpoint", str(final), "--output_dir", str(tmp_path / "from_dcp")]) == 0
     c = load_file(tmp_path / "from_dcp" / "model.safetensors")
     assert all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_finetune_under_deepspeed_zero3(reference, tmp_path):
+    """training.finetune (Trainer) launched with the same DeepSpeed config, two CPU processes."""
+    pytest.importorskip("deepspeed")
+    root, _ = reference
+    hf = root / "single" / "hf"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "FSDP_", "WORLD_SIZE", "RANK"))}
+    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(ACCEL / "deepspeed_zero3.yaml"),
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        "29534",
+        "-m",
+        "training.finetune",
+        "--model_name_or_path",
+        str(hf),
+        "--data_files",
+        str(REPO_ROOT / "training/data/instructions.jsonl"),
+        "--output_dir",
+        str(tmp_path / "sft"),
+        "--max_steps",
+        "3",
+        "--per_device_train_batch_size",
+        "4",
+        "--report_to",
+        "none",
+        "--save_strategy",
+        "no",
+        "--prompt_template",
+        "plain",
+        "--logging_steps",
+        "1",
+    ]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    state = __import__("json").loads((tmp_path / "sft" / "trainer_state.json").read_text())
+    losses = [h["loss"] for h in state["log_history"] if "loss" in h]
+    assert len(losses) == 3 and all(x == x and x > 0 for x in losses)
+    assert (tmp_path / "sft" / "model.safetensors").is_file()

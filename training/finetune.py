@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,8 @@ def parse_args(argv: list[str] | None = None):
     )
     parser.add_argument("--config", default=None, help="YAML file of argument: value (the command line wins)")
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--ddp_backend" not in argv and not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        argv += ["--ddp_backend", "gloo"]  # CPU processes (DeepSpeed included) talk over gloo
     if "--config" in argv:
         i = argv.index("--config")
         values = load_yaml(argv[i + 1])
