@@ -6,8 +6,21 @@ from training.demo import main
 
 
 def test_demo_builds_saves_reloads_and_generates(tmp_path, capsys):
-    assert main(["--output_dir", str(tmp_path / "demo"), "--max_new_tokens", "4", "--prompt", "Hello",
-                 "--prompt", "Once upon a time"]) == 0
+    assert (
+        main(
+            [
+                "--output_dir",
+                str(tmp_path / "demo"),
+                "--max_new_tokens",
+                "4",
+                "--prompt",
+                "Hello",
+                "--prompt",
+                "Once upon a time",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "reloaded through pipeline(): LlamaForCausalLM from transformers_modules." in out
     assert "--- 'Hello'" in out and "--- 'Once upon a time'" in out and "streaming the first prompt" in out
