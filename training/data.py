@@ -205,7 +205,7 @@ def prepare_data(
                 "use a new output folder"
             )
         done = int(meta.get("done", 0))
-        if meta.get("paths") != inputs or meta.get("inputs", [])[:done] != ids[:done]:
+        if meta.get("paths", inputs) != inputs or meta.get("inputs", [])[:done] != ids[:done]:
             raise DataError(
                 f"{out}: holds data prepared from other inputs (or a finished input changed since); "
                 "use a new output folder"
