@@ -189,3 +189,15 @@ def test_finetune_under_deepspeed_zero3(reference, tmp_path):
     losses = [h["loss"] for h in state["log_history"] if "loss" in h]
     assert len(losses) == 3 and all(x == x and x > 0 for x in losses)
     assert (tmp_path / "sft" / "model.safetensors").is_file()
+
+
+def test_fsdp2_bf16_with_selective_checkpointing(reference, tmp_path):
+    """bf16 parameters (FSDP2 MixedPrecisionPolicy, fp32 reduction) with selective activation checkpointing."""
+    root, cache = reference
+    launch(tmp_path / "fsdp_bf16", cache, "--config_file", str(ACCEL / "fsdp2.yaml"),
+           extra=("--bf16", "true", "--activation_checkpointing", "selective", "--eval_steps", "0"))
+    single = read_metrics(root / "single" / "metrics.jsonl")
+    mixed = read_metrics(tmp_path / "fsdp_bf16" / "metrics.jsonl")
+    assert [r["step"] for r in mixed] == [r["step"] for r in single]
+    for a, b in zip(single, mixed):
+        assert b["loss"] == pytest.approx(a["loss"], abs=2e-2)  # bf16 rounding, same data and updates
