@@ -4,6 +4,7 @@ single-process losses, validation loss and weights; checkpoints resume and expor
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -51,7 +52,8 @@ COMMON = [
 ]
 
 
-def launch(run: Path, cache: Path, *accelerate_args: str, extra: tuple[str, ...] = ()) -> None:
+def accelerate_launch(accelerate_args: list[str], module_args: list[str]) -> subprocess.CompletedProcess:
+    """``accelerate launch`` two CPU processes running ``python -m <module_args>``; fails the test on error."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "FSDP_", "WORLD_SIZE", "RANK"))}
     env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     cmd = [
@@ -64,16 +66,18 @@ def launch(run: Path, cache: Path, *accelerate_args: str, extra: tuple[str, ...]
         "--main_process_port",
         "29533",
         "-m",
-        "training.pretrain",
-        *COMMON,
-        "--output_dir",
-        str(run),
-        "--data_cache_dir",
-        str(cache),
-        *extra,
+        *module_args,
     ]
     proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def launch(run: Path, cache: Path, *accelerate_args: str, extra: tuple[str, ...] = ()) -> None:
+    proc = accelerate_launch(
+        list(accelerate_args),
+        ["training.pretrain", *COMMON, "--output_dir", str(run), "--data_cache_dir", str(cache), *extra],
+    )
     assert "2 process(es)" in proc.stderr
 
 
@@ -150,42 +154,31 @@ def test_finetune_under_deepspeed_zero3(reference, tmp_path):
     pytest.importorskip("deepspeed")
     root, _ = reference
     hf = root / "single" / "hf"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "FSDP_", "WORLD_SIZE", "RANK"))}
-    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(ACCEL / "deepspeed_zero3.yaml"),
-        "--num_processes",
-        "2",
-        "--main_process_port",
-        "29534",
-        "-m",
-        "training.finetune",
-        "--model_name_or_path",
-        str(hf),
-        "--data_files",
-        str(REPO_ROOT / "training/data/instructions.jsonl"),
-        "--output_dir",
-        str(tmp_path / "sft"),
-        "--max_steps",
-        "3",
-        "--per_device_train_batch_size",
-        "4",
-        "--report_to",
-        "none",
-        "--save_strategy",
-        "no",
-        "--prompt_template",
-        "plain",
-        "--logging_steps",
-        "1",
-    ]
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    state = __import__("json").loads((tmp_path / "sft" / "trainer_state.json").read_text())
+    accelerate_launch(
+        ["--config_file", str(ACCEL / "deepspeed_zero3.yaml")],
+        [
+            "training.finetune",
+            "--model_name_or_path",
+            str(hf),
+            "--data_files",
+            str(REPO_ROOT / "training/data/instructions.jsonl"),
+            "--output_dir",
+            str(tmp_path / "sft"),
+            "--max_steps",
+            "3",
+            "--per_device_train_batch_size",
+            "4",
+            "--report_to",
+            "none",
+            "--save_strategy",
+            "no",
+            "--prompt_template",
+            "plain",
+            "--logging_steps",
+            "1",
+        ],
+    )
+    state = json.loads((tmp_path / "sft" / "trainer_state.json").read_text())
     losses = [h["loss"] for h in state["log_history"] if "loss" in h]
     assert len(losses) == 3 and all(x == x and x > 0 for x in losses)
     assert (tmp_path / "sft" / "model.safetensors").is_file()
@@ -194,8 +187,13 @@ def test_finetune_under_deepspeed_zero3(reference, tmp_path):
 def test_fsdp2_bf16_with_selective_checkpointing(reference, tmp_path):
     """bf16 parameters (FSDP2 MixedPrecisionPolicy, fp32 reduction) with selective activation checkpointing."""
     root, cache = reference
-    launch(tmp_path / "fsdp_bf16", cache, "--config_file", str(ACCEL / "fsdp2.yaml"),
-           extra=("--bf16", "true", "--activation_checkpointing", "selective", "--eval_steps", "0"))
+    launch(
+        tmp_path / "fsdp_bf16",
+        cache,
+        "--config_file",
+        str(ACCEL / "fsdp2.yaml"),
+        extra=("--bf16", "true", "--activation_checkpointing", "selective", "--eval_steps", "0"),
+    )
     single = read_metrics(root / "single" / "metrics.jsonl")
     mixed = read_metrics(tmp_path / "fsdp_bf16" / "metrics.jsonl")
     assert [r["step"] for r in mixed] == [r["step"] for r in single]

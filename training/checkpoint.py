@@ -119,7 +119,7 @@ def load_hf_state_dict_from_checkpoint(ckpt: str | Path) -> dict[str, torch.Tens
     ckpt = Path(ckpt)
     info = json.loads((ckpt / "checkpoint_info.json").read_text()) if (ckpt / "checkpoint_info.json").is_file() else {}
     kind = info.get("kind")
-    if kind == "fsdp2" or (ckpt / ".metadata").is_file():
+    if kind == "fsdp2" or (ckpt / "dcp" / ".metadata").is_file():
         import warnings
 
         from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
@@ -131,7 +131,7 @@ def load_hf_state_dict_from_checkpoint(ckpt: str | Path) -> dict[str, torch.Tens
         if not isinstance(model, dict):
             raise CheckpointError(f"{ckpt}: unexpected DCP layout")
         return {k: v for k, v in model.items() if isinstance(v, torch.Tensor)}
-    if kind == "deepspeed" or list(ckpt.glob("pytorch_model*/zero_pp_rank_*")) or list(ckpt.glob("*/zero_pp_rank_*")):
+    if kind == "deepspeed" or list(ckpt.glob("*/zero_pp_rank_*")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         sub = next((p for p in ckpt.iterdir() if p.is_dir() and list(p.glob("zero_pp_rank_*"))), None)
