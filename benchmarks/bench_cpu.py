@@ -56,46 +56,63 @@ def _timeit(fn, repeats: int, warmup: int = 1) -> list[float]:
 
 
 # ------------------------------------------------------------------------------------------------ training step
-def bench_train(preset: str, seq: int, batch: int, repeats: int) -> list[dict]:
+def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
+def bench_train(preset: str, seq: int, batch: int, repeats: int, compile: bool = True) -> list[dict]:
+    """Stock and ours in eager mode, and ours with regional compilation (``training.parallel.apply_compile``) and a
+    compiled loss, as ``training.pretrain --compile true`` runs it. Same weights and loss (next-token CE in fp32)."""
+    import copy
+
+    from training.parallel import apply_compile
+
     rows = []
     ours, stock = _twins(preset)
-    ids = torch.randint(0, ours.config.vocab_size, (batch, seq))
+    models = {"stock": stock, "ours": ours}
+    if compile:
+        models["ours_compiled"] = apply_compile(copy.deepcopy(ours))
+    ids = torch.randint(0, ours.config.vocab_size, (batch, seq + 1))
     for dtype in ("fp32", "bf16"):
-        result = {}
-        for name, model in (("stock", stock), ("ours", ours)):
+        steps = {}
+        for name, model in models.items():
             model.train()
             opt = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True)
+            ce = torch.compile(_cross_entropy) if name == "ours_compiled" else _cross_entropy
 
-            def step(model=model, opt=opt, dtype=dtype):
+            def step(model=model, opt=opt, dtype=dtype, ce=ce):
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
-                    loss = model(input_ids=ids, labels=ids).loss
+                    logits = model(input_ids=ids[:, :-1]).logits
+                loss = ce(logits, ids[:, 1:])
                 loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
 
-            # interleave the two models' repetitions so drifting machine load hits both alike
-            result[name] = step
-        times = {"stock": [], "ours": []}
-        for name in ("stock", "ours"):
-            result[name]()  # warm-up
-        for _ in range(repeats):
-            for name in ("stock", "ours"):
+            steps[name] = step
+        times = {name: [] for name in models}
+        for name in models:
+            steps[name]()  # warm-up (and compilation)
+            steps[name]()
+        for _ in range(repeats):  # interleaved, so that drifting machine load hits all alike
+            for name in models:
                 t0 = time.perf_counter()
-                result[name]()
+                steps[name]()
                 times[name].append(time.perf_counter() - t0)
         tok = batch * seq
         med = {k: statistics.median(v) for k, v in times.items()}
-        rows.append(
-            {
-                "bench": "train step",
-                "dtype": dtype,
-                "tokens_per_step": tok,
-                "stock_tokens_per_s": tok / med["stock"],
-                "ours_tokens_per_s": tok / med["ours"],
-                "ratio": med["stock"] / med["ours"],
-                "times": times,
-            }
-        )
+        row = {
+            "bench": "train step",
+            "dtype": dtype,
+            "tokens_per_step": tok,
+            "stock_tokens_per_s": tok / med["stock"],
+            "ours_tokens_per_s": tok / med["ours"],
+            "ratio": med["stock"] / med["ours"],
+            "times": times,
+        }
+        if compile:
+            row["ours_compiled_tokens_per_s"] = tok / med["ours_compiled"]
+            row["compiled_ratio"] = med["stock"] / med["ours_compiled"]
+        rows.append(row)
         gc.collect()
     return rows
 
@@ -280,11 +297,17 @@ def to_markdown(meta: dict, results: dict) -> str:
         "",
     ]
     if results.get("train"):
-        lines += ["| training step (100M, seq 512) | stock tok/s | ours tok/s | ours / stock |", "|---|---|---|---|"]
+        lines += [
+            "| training step (100M, seq 512) | stock tok/s | ours tok/s | ours / stock | ours compiled tok/s | "
+            "compiled / stock |",
+            "|---|---|---|---|---|---|",
+        ]
         for r in results["train"]:
             lines.append(
                 f"| {r['dtype']}, batch {r['tokens_per_step'] // 512} | {r['stock_tokens_per_s']:,.0f} | "
-                f"{r['ours_tokens_per_s']:,.0f} | {r['ratio']:.2f}x |"
+                f"{r['ours_tokens_per_s']:,.0f} | {r['ratio']:.2f}x | "
+                f"{r.get('ours_compiled_tokens_per_s', float('nan')):,.0f} | "
+                f"{r.get('compiled_ratio', float('nan')):.2f}x |"
             )
         lines.append("")
     if results.get("decode"):
@@ -315,7 +338,7 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--train_batch", type=int, default=4)
     p.add_argument("--new_tokens", type=int, default=64)
-    p.add_argument("--no_compile", action="store_true", help="skip torch.compile in the fastest decode path")
+    p.add_argument("--no_compile", action="store_true", help="skip torch.compile (decode fast path, compiled step)")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = p.parse_args()
     import transformers
@@ -338,7 +361,7 @@ def main() -> int:
     if "decode" in todo:
         results["decode"] = bench_decode(args.preset, 32, args.new_tokens, args.repeats, not args.no_compile)
     if "train" in todo:
-        results["train"] = bench_train(args.preset, 512, args.train_batch, args.repeats)
+        results["train"] = bench_train(args.preset, 512, args.train_batch, args.repeats, not args.no_compile)
     path.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
     md = to_markdown(meta, results)
     (out / "cpu.md").write_text(md)

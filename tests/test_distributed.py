@@ -73,12 +73,13 @@ def accelerate_launch(accelerate_args: list[str], module_args: list[str]) -> sub
     return proc
 
 
-def launch(run: Path, cache: Path, *accelerate_args: str, extra: tuple[str, ...] = ()) -> None:
+def launch(run: Path, cache: Path, *accelerate_args: str, extra: tuple[str, ...] = ()) -> str:
     proc = accelerate_launch(
         list(accelerate_args),
         ["training.pretrain", *COMMON, "--output_dir", str(run), "--data_cache_dir", str(cache), *extra],
     )
     assert "2 process(es)" in proc.stderr
+    return proc.stderr
 
 
 @pytest.fixture(scope="module")
@@ -199,3 +200,20 @@ def test_fsdp2_bf16_with_selective_checkpointing(reference, tmp_path):
     assert [r["step"] for r in mixed] == [r["step"] for r in single]
     for a, b in zip(single, mixed):
         assert b["loss"] == pytest.approx(a["loss"], abs=2e-2)  # bf16 rounding, same data and updates
+
+
+def test_fsdp2_with_regional_compile(reference, tmp_path):
+    """compile: true under FSDP2 (fully_shard per layer, then torch.compile of each layer's forward, so FSDP2's
+    hooks stay outside the compiled region) with selective checkpointing trains the single-process model."""
+    root, cache = reference
+    run = tmp_path / "fsdp_compiled"
+    log = launch(
+        run,
+        cache,
+        "--config_file",
+        str(ACCEL / "fsdp2.yaml"),
+        extra=("--compile", "true", "--activation_checkpointing", "selective"),
+    )
+    # FSDP2 swaps each layer's class for FSDPLlamaDecoderLayer: the layers must still be found and compiled
+    assert "fsdp2, 2 process(es)" in log and "compiled 2 decoder layers" in log, log[-2000:]
+    compare_with_single(run, root / "single", atol=1e-4)

@@ -14,7 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from modeling_llama import LlamaForCausalLM
 from training.config import ConfigError, load_yaml, parse_config
 from training.optim import build_optimizer, build_scheduler, lr_at, param_groups
-from training.parallel import apply_activation_checkpointing
+from training.parallel import apply_activation_checkpointing, apply_compile
 from training.pretrain import PretrainConfig, resolve_batch
 
 CONFIGS = REPO_ROOT / "training" / "configs"
@@ -221,6 +221,33 @@ def test_activation_checkpointing_modes_give_the_same_gradients():
     # full recomputes the layers' matmuls in backward; selective keeps them and recomputes only cheap ops
     assert mm["full"] > mm["none"] == mm["selective"]
     assert rsqrt["none"] == 0 and rsqrt["selective"] == rsqrt["full"] > 0
+
+
+@pytest.mark.parametrize("mode", ["none", "selective", "full"])
+def test_regional_compile_matches_eager_and_compiles_once(mode):
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    cfg = tiny_config(num_hidden_layers=3)
+    eager = LlamaForCausalLM(cfg).train()
+    compiled = LlamaForCausalLM(cfg).train()
+    compiled.load_state_dict(eager.state_dict())
+    names = list(compiled.state_dict())
+    for model in (eager, compiled):
+        apply_activation_checkpointing(model, mode)
+    apply_compile(compiled)
+    apply_compile(compiled)  # idempotent
+    ids = torch.randint(0, 512, (2, 24))
+    for model in (eager, compiled):
+        model(ids, labels=ids).loss.backward()
+    for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert counters["stats"]["unique_graphs"] == 1  # three layers, one graph: parameters are graph inputs
+    assert list(compiled.state_dict()) == names
+    with pytest.raises(ValueError, match="found no decoder layer to compile"):
+        apply_compile(torch.nn.Linear(2, 2))
 
 
 def test_model_file_is_untouched_by_training_policies():

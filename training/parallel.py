@@ -74,8 +74,10 @@ def selective_policy(ctx, op, *args, **kwargs):
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The model's decoder layers (classes named in ``_no_split_modules``), also once FSDP2 has swapped their class
+    for an ``FSDP<Layer>`` subclass."""
     names = set(getattr(model, "_no_split_modules", None) or ["LlamaDecoderLayer"])
-    return [m for m in model.modules() if type(m).__name__ in names]
+    return [m for m in model.modules() if any(c.__name__ in names for c in type(m).__mro__)]
 
 
 def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
@@ -135,7 +137,10 @@ def apply_compile(model: nn.Module, fullgraph: bool = True, mode: str | None = N
     mixed precision. Call it after :func:`apply_activation_checkpointing` and :func:`apply_fsdp2` (see module doc):
     the bound ``forward`` taken here is the one that checkpoints, and FSDP2 changes the layer's class.
     """
-    for layer in decoder_layers(model):
+    layers = decoder_layers(model)
+    if not layers:
+        raise ValueError(f"found no decoder layer to compile in {type(model).__name__}")
+    for layer in layers:
         if getattr(layer, "_regionally_compiled", False):
             continue
         layer.forward = torch.compile(layer.forward, fullgraph=fullgraph, mode=mode)
