@@ -118,6 +118,16 @@ def bench_train(preset: str, seq: int, batch: int, repeats: int, compile: bool =
 
 
 # ------------------------------------------------------------------------------------------------ decoding
+def gemv_rate(weight_bytes: int, repeats: int = 5) -> float:
+    """Bytes/s at which one bf16 ``F.linear`` (batch 1) streams a weight matrix of ``weight_bytes`` (out of cache):
+    what the machine's GEMV kernel reaches on its own, the practical ceiling of a batch-1 decode step."""
+    cols = 4096
+    w = torch.randn(max(1, weight_bytes // (2 * cols)), cols).bfloat16()
+    x = torch.randn(1, cols).bfloat16()
+    best = min(_timeit(lambda: torch.nn.functional.linear(x, w), repeats))
+    return w.numel() * 2 / best
+
+
 def copy_bandwidth(n_bytes: int = 1 << 29, repeats: int = 5) -> float:
     """Bytes/s of a large tensor copy (read + write counted once each, like STREAM copy: 2 x size)."""
     src = torch.empty(n_bytes // 4, dtype=torch.float32).uniform_()
@@ -238,6 +248,12 @@ def bench_decode(preset: str, prompt_len: int, new_tokens: int, repeats: int, co
         # bandwidth bound: every decoded step reads all weights once (bf16: 2 bytes) + a small KV cache
         weight_bytes = (n_params - emb) * 2 + emb * 0  # the embedding table is gathered, not streamed
         row["copy_bandwidth_GBps"] = bw / 1e9
+        gemv = gemv_rate(weight_bytes)
+        row["bf16_gemv_GBps"] = gemv / 1e9
+        row["gemv_ceiling_tokens_per_s"] = batch * gemv / weight_bytes if batch == 1 else None
+        row["fast_fraction_of_gemv_ceiling"] = (
+            row["fast_tokens_per_s"] / row["gemv_ceiling_tokens_per_s"] if batch == 1 else None
+        )
         row["bound_tokens_per_s_bf16"] = batch * bw / weight_bytes
         row["fast_fraction_of_bound"] = row["fast_tokens_per_s"] / row["bound_tokens_per_s_bf16"]
         with torch.no_grad():
@@ -313,15 +329,21 @@ def to_markdown(meta: dict, results: dict) -> str:
     if results.get("decode"):
         lines += [
             "| greedy decode (100M) | stock tok/s | ours tok/s | ours / stock | fastest tok/s | fastest / stock "
-            "| bandwidth bound tok/s (bf16 weights) | fastest / bound | prefill ms stock / ours |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| bandwidth bound tok/s (bf16 weights) | fastest / bound | bf16 GEMV ceiling tok/s | fastest / ceiling "
+            "| prefill ms stock / ours |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in results["decode"]:
             lines.append(
                 f"| batch {r['batch']}, {r['prompt']}+{r['new_tokens']} | {r['stock_tokens_per_s']:.1f} | "
                 f"{r['ours_tokens_per_s']:.1f} | {r['ratio']:.2f}x | {r['fast_tokens_per_s']:.1f} | "
                 f"{r['fast_vs_stock']:.2f}x | {r['bound_tokens_per_s_bf16']:.1f} | {r['fast_fraction_of_bound']:.0%} | "
-                f"{r['stock_prefill_ms']:.0f} / {r['ours_prefill_ms']:.0f} |"
+                + (
+                    f"{r['gemv_ceiling_tokens_per_s']:.1f} | {r['fast_fraction_of_gemv_ceiling']:.0%} | "
+                    if r.get("gemv_ceiling_tokens_per_s")
+                    else "– | – | "
+                )
+                + f"{r['stock_prefill_ms']:.0f} / {r['ours_prefill_ms']:.0f} |"
             )
         lines.append("")
     if results.get("tokenizer"):

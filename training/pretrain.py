@@ -409,7 +409,7 @@ def setup(cfg: PretrainConfig) -> Trainer:
         model.to(accelerator.device)
         if cfg.compile:
             if mode == "deepspeed":
-                raise ValueError(
+                raise ConfigError(
                     "compile is not supported with DeepSpeed here (ZeRO-3 gathers parameters in hooks that "
                     "torch.compile would have to trace); use parallelism: fsdp2 or set compile: false"
                 )
