@@ -31,41 +31,49 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 
-def _twins(preset: str, seed: int = 0):
+def _twins(preset: str, seed: int = 0, device: str | torch.device = "cpu", **overrides):
+    """Ours and stock ``transformers.LlamaForCausalLM`` of ``preset`` (+ config ``overrides``), same weights."""
     import transformers
 
     from modeling_llama import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig.from_preset(preset)
-    ours = LlamaForCausalLM(cfg)
-    stock = transformers.LlamaForCausalLM(transformers.LlamaConfig.from_dict(cfg.to_dict()))
+    cfg = LlamaConfig.from_preset(preset, **overrides)
+    with torch.device(device):
+        ours = LlamaForCausalLM(cfg)
+        stock = transformers.LlamaForCausalLM(transformers.LlamaConfig.from_dict(cfg.to_dict()))
     stock.load_state_dict(ours.state_dict())
     return ours, stock
 
 
-def _timeit(fn, repeats: int, warmup: int = 1) -> list[float]:
+def _timeit(fn, repeats: int, warmup: int = 1, device: torch.device | None = None) -> list[float]:
+    """Seconds of each of ``repeats`` calls of ``fn`` after ``warmup`` untimed ones; on a CUDA ``device`` each
+    timed call is bracketed by synchronisations, so that it measures the device's work, not the launches."""
+
+    def sync() -> None:
+        if device is not None and device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
+        sync()
         t0 = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - t0)
     return times
 
 
 # ------------------------------------------------------------------------------------------------ training step
-def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
-
-
 def bench_train(preset: str, seq: int, batch: int, repeats: int, compile: bool = True) -> list[dict]:
     """Stock and ours in eager mode, and ours with regional compilation (``training.parallel.apply_compile``) and a
     compiled loss, as ``training.pretrain --compile true`` runs it. Same weights and loss (next-token CE in fp32)."""
     import copy
 
     from training.parallel import apply_compile
+    from training.pretrain import cross_entropy
 
     rows = []
     ours, stock = _twins(preset)
@@ -78,7 +86,7 @@ def bench_train(preset: str, seq: int, batch: int, repeats: int, compile: bool =
         for name, model in models.items():
             model.train()
             opt = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True)
-            ce = torch.compile(_cross_entropy) if name == "ours_compiled" else _cross_entropy
+            ce = torch.compile(cross_entropy) if name == "ours_compiled" else cross_entropy
 
             def step(model=model, opt=opt, dtype=dtype, ce=ce):
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):

@@ -30,6 +30,7 @@ import statistics
 import sys
 import time
 import traceback
+from functools import partial
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -37,7 +38,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+from bench_cpu import _timeit  # noqa: E402
 
 DEFAULT_VARIANTS = [  # most informative first: a run cut short by a time limit still has these
     "ours:compile:none:compiled",
@@ -67,6 +68,11 @@ def _free(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
+def _overrides(args) -> dict:
+    """LlamaConfig overrides of the preset from the command line."""
+    return {"num_hidden_layers": args.layers} if args.layers else {}
+
+
 # ------------------------------------------------------------------------------------------------ env
 def bench_env(device: torch.device) -> dict:
     import transformers
@@ -85,26 +91,12 @@ def bench_env(device: torch.device) -> dict:
     n = 8192 if device.type == "cuda" else 512
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    times = []
-    for i in range(13):
-        _sync(device)
-        t0 = time.perf_counter()
-        a @ b
-        _sync(device)
-        if i >= 3:
-            times.append(time.perf_counter() - t0)
+    times = _timeit(partial(torch.matmul, a, b), 10, warmup=3, device=device)
     env["matmul_bf16_TFLOPs"] = 2 * n**3 / statistics.median(times) / 1e12
     size = (1 << 30) if device.type == "cuda" else (1 << 26)
     src = torch.empty(size // 4, device=device).uniform_()
     dst = torch.empty_like(src)
-    times = []
-    for i in range(13):
-        _sync(device)
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        _sync(device)
-        if i >= 3:
-            times.append(time.perf_counter() - t0)
+    times = _timeit(partial(dst.copy_, src), 10, warmup=3, device=device)
     env["copy_GBps"] = 2 * size / statistics.median(times) / 1e9  # bytes read + bytes written
     del a, b, src, dst
     _free(device)
@@ -112,10 +104,6 @@ def bench_env(device: torch.device) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ training
-def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
-
-
 def _build(kind: str, cfg, state_dict, device):
     import transformers
 
@@ -135,6 +123,7 @@ def _build(kind: str, cfg, state_dict, device):
 def bench_train_variant(variant: str, cfg, state_dict, device, args, fpt: float, peaks: dict) -> dict:
     from training.optim import build_optimizer
     from training.parallel import apply_activation_checkpointing, apply_compile
+    from training.pretrain import cross_entropy
 
     parts = variant.split(":")
     kind, execution, ac = parts[:3]
@@ -146,7 +135,7 @@ def bench_train_variant(variant: str, cfg, state_dict, device, args, fpt: float,
     apply_activation_checkpointing(model, ac)
     if execution == "compile":
         apply_compile(model)
-    ce = torch.compile(_cross_entropy) if loss_kind == "compiled" else _cross_entropy
+    ce = torch.compile(cross_entropy) if loss_kind == "compiled" else cross_entropy
     optimizer = build_optimizer(model, lr=1e-4, weight_decay=0.1, betas=(0.9, 0.95))
     gen = torch.Generator(device="cpu").manual_seed(0)
     batches = [
@@ -172,13 +161,7 @@ def bench_train_variant(variant: str, cfg, state_dict, device, args, fpt: float,
     losses = [step() for _ in range(args.warmup)]
     _sync(device)
     warmup_s = time.perf_counter() - t0
-    times = []
-    for _ in range(args.steps):
-        _sync(device)
-        t0 = time.perf_counter()
-        losses.append(step())
-        _sync(device)
-        times.append(time.perf_counter() - t0)
+    times = _timeit(lambda: losses.append(step()), args.steps, warmup=0, device=device)
     tokens = args.batch * args.seq * args.accum
     med = statistics.median(times)
     tps = tokens / med
@@ -256,7 +239,7 @@ def bench_train(device, args, env) -> list[dict]:
     from modeling_llama import LlamaConfig, LlamaForCausalLM
     from training.metrics import flops_per_token, peak_flops_for_device
 
-    cfg = LlamaConfig.from_preset(args.preset, **({"num_hidden_layers": args.layers} if args.layers else {}))
+    cfg = LlamaConfig.from_preset(args.preset, **_overrides(args))
     torch.manual_seed(0)
     with torch.device(device):
         base = LlamaForCausalLM(cfg)
@@ -299,22 +282,16 @@ def _train_line(r: dict) -> str:
 
 # ------------------------------------------------------------------------------------------------ decode
 def bench_decode(device, args, env) -> list[dict]:
-    import transformers
-    from bench_cpu import FastDecoder
+    from bench_cpu import FastDecoder, _twins
 
-    from modeling_llama import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig.from_preset(args.preset, **({"num_hidden_layers": args.layers} if args.layers else {}))
-    torch.manual_seed(0)
-    with torch.device(device):
-        ours = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
-        stock = transformers.LlamaForCausalLM(transformers.LlamaConfig.from_dict(cfg.to_dict())).to(torch.bfloat16)
-    stock.load_state_dict(ours.state_dict())
-    stock.eval()
+    ours, stock = _twins(args.preset, device=device, **_overrides(args))
+    ours, stock = ours.to(torch.bfloat16).eval(), stock.to(torch.bfloat16).eval()
+    cfg = ours.config
     n_params = sum(p.numel() for p in ours.parameters())
     emb = ours.model.embed_tokens.weight.numel()
     weight_bytes = (n_params - emb) * 2  # bf16; the embedding table is gathered (B rows), not streamed
     bw = env["copy_GBps"] * 1e9
+    bound = {batch: batch * bw / weight_bytes for batch in (1, 8)}  # tokens/s if weights streamed at copy speed
     rows = []
     new, plen = args.new_tokens, args.prompt
     for batch in (1, 8):
@@ -328,13 +305,9 @@ def bench_decode(device, args, env) -> list[dict]:
                 ours.generate(prompt, **kw)
                 stock.generate(prompt, **kw)
                 times = {"stock": [], "ours": []}
-                for _ in range(args.decode_repeats):
+                for _ in range(args.decode_repeats):  # interleaved, so that drifting load hits both alike
                     for name, m in (("stock", stock), ("ours", ours)):
-                        _sync(device)
-                        t0 = time.perf_counter()
-                        m.generate(prompt, **kw)
-                        _sync(device)
-                        times[name].append(time.perf_counter() - t0)
+                        times[name] += _timeit(partial(m.generate, prompt, **kw), 1, warmup=0, device=device)
             med = {k: statistics.median(v) for k, v in times.items()}
             row.update(
                 stock_tokens_per_s=batch * new / med["stock"],
@@ -354,13 +327,10 @@ def bench_decode(device, args, env) -> list[dict]:
                 dec.generate(prompt, new)  # the CUDA graph is recorded on the second run
                 _sync(device)
                 row[f"{key}_compile_s"] = time.perf_counter() - t0
-                fast = []
-                for _ in range(args.decode_repeats):
-                    _sync(device)
-                    t0 = time.perf_counter()
-                    out = dec.generate(prompt, new)
-                    _sync(device)
-                    fast.append(time.perf_counter() - t0)
+                outs: list[torch.Tensor] = []
+                run = partial(lambda d, p, o: o.append(d.generate(p, new)), dec, prompt, outs)
+                fast = _timeit(run, args.decode_repeats, warmup=0, device=device)
+                out = outs[-1]  # the tokens of the last timed run, checked below
                 inductor_config.coordinate_descent_tuning = False
                 # correctness: each token the fast path picked is the argmax of the eager model's logits at that
                 # position (teacher-forced on the fast path's own tokens), up to bf16 rounding between kernels
@@ -373,9 +343,9 @@ def bench_decode(device, args, env) -> list[dict]:
                 med_fast = statistics.median(fast)
                 row[f"{key}_tokens_per_s"] = batch * new / med_fast
                 row[f"{key}_vs_stock"] = med["stock"] / med_fast
-                row[f"{key}_fraction_of_bound"] = row[f"{key}_tokens_per_s"] / (batch * bw / weight_bytes)
+                row[f"{key}_fraction_of_bound"] = row[f"{key}_tokens_per_s"] / bound[batch]
                 del dec
-            row["bound_tokens_per_s"] = batch * bw / weight_bytes
+            row["bound_tokens_per_s"] = bound[batch]
         except Exception as exc:
             traceback.print_exc()
             row["error"] = f"{type(exc).__name__}: {str(exc)[:400]}"
