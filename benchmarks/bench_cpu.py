@@ -128,7 +128,7 @@ def bench_train(preset: str, seq: int, batch: int, repeats: int, compile: bool =
 # ------------------------------------------------------------------------------------------------ decoding
 def gemv_rate(weight_bytes: int, repeats: int = 5) -> float:
     """Bytes/s at which one bf16 ``F.linear`` (batch 1) streams a weight matrix of ``weight_bytes`` (out of cache):
-    what the machine's GEMV kernel reaches on its own, the practical ceiling of a batch-1 decode step."""
+    the GEMV kernel eager decoding runs on this machine (the fast path's compiled GEMV replaces it)."""
     cols = 4096
     w = torch.randn(max(1, weight_bytes // (2 * cols)), cols).bfloat16()
     x = torch.randn(1, cols).bfloat16()
@@ -142,66 +142,6 @@ def copy_bandwidth(n_bytes: int = 1 << 29, repeats: int = 5) -> float:
     dst = torch.empty_like(src)
     best = min(_timeit(lambda: dst.copy_(src), repeats))
     return 2 * n_bytes / best
-
-
-class FastDecoder:
-    """Our fastest decode path: bf16 weights, a StaticCache, and a ``torch.compile``d one-token step.
-
-    On CPU the step is compiled with inductor freezing (weights pre-packed for oneDNN); on CUDA with
-    ``mode="reduce-overhead"`` (CUDA graphs: one launch per token instead of hundreds).
-    """
-
-    def __init__(self, model, batch: int, max_len: int, dtype=torch.bfloat16, compile: bool = True) -> None:
-        from transformers import StaticCache
-
-        self.model = model.to(dtype).eval()
-        self.device = next(model.parameters()).device
-        self.cache = StaticCache(config=model.config, max_cache_len=max_len)
-        self.batch = batch
-        self.cuda = self.device.type == "cuda"
-
-        def step(ids, pos):
-            out = self.model(
-                input_ids=ids,
-                position_ids=pos[None].expand(ids.shape[0], -1),
-                past_key_values=self.cache,
-                use_cache=True,
-                cache_position=pos,
-            )
-            return out.logits[:, -1].argmax(-1)
-
-        self.step = step
-        if compile and self.cuda:
-            self.step = torch.compile(step, fullgraph=True, dynamic=False, mode="reduce-overhead")
-        elif compile:
-            # freezing: weights become constants that inductor pre-packs for oneDNN's CPU GEMV/GEMM kernels
-            import torch._inductor.config as inductor_config
-
-            inductor_config.freezing = True
-            self.step = torch.compile(step, fullgraph=True, dynamic=False)
-
-    @torch.no_grad()
-    def generate(self, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
-        self.cache.reset()
-        t = prompt.shape[1]
-        pos = torch.arange(t, device=self.device)
-        out = self.model(
-            input_ids=prompt,
-            position_ids=pos[None].expand(prompt.shape[0], -1),
-            past_key_values=self.cache,
-            use_cache=True,
-            cache_position=pos,
-        )
-        nxt = out.logits[:, -1].argmax(-1)
-        tokens = [nxt]
-        positions = torch.arange(t, t + new_tokens, device=self.device)
-        for i in range(new_tokens - 1):
-            if self.cuda:
-                torch.compiler.cudagraph_mark_step_begin()
-            # clone: a CUDA-graph replay overwrites its output buffer
-            nxt = self.step(nxt[:, None], positions[i : i + 1]).clone()
-            tokens.append(nxt)
-        return torch.stack(tokens, 1)
 
 
 def bench_decode(preset: str, prompt_len: int, new_tokens: int, repeats: int, compile: bool) -> list[dict]:
@@ -244,6 +184,8 @@ def bench_decode(preset: str, prompt_len: int, new_tokens: int, repeats: int, co
         # the fastest path: bf16 weights + static cache + compiled step
         import copy
 
+        from modeling_llama import FastDecoder
+
         fast_model = copy.deepcopy(ours)
         dec = FastDecoder(fast_model, batch, prompt_len + new_tokens + 1, compile=compile)
         t0 = time.perf_counter()
@@ -255,17 +197,22 @@ def bench_decode(preset: str, prompt_len: int, new_tokens: int, repeats: int, co
         row["fast_vs_stock"] = med["stock"] / med_fast
         # bandwidth bound: every decoded step reads all weights once (bf16: 2 bytes) + a small KV cache
         weight_bytes = (n_params - emb) * 2 + emb * 0  # the embedding table is gathered, not streamed
+        bw = max(bw, copy_bandwidth())  # re-measured next to the fast run; the higher one is the stricter bound
         row["copy_bandwidth_GBps"] = bw / 1e9
-        gemv = gemv_rate(weight_bytes)
-        row["bf16_gemv_GBps"] = gemv / 1e9
-        row["gemv_ceiling_tokens_per_s"] = batch * gemv / weight_bytes if batch == 1 else None
-        row["fast_fraction_of_gemv_ceiling"] = (
-            row["fast_tokens_per_s"] / row["gemv_ceiling_tokens_per_s"] if batch == 1 else None
-        )
+        # what the step streams, against a bare bf16 F.linear at batch 1 over the same bytes (the kernel eager
+        # decoding runs; the fast path's compiled GEMV replaces it at batch 1)
+        row["fast_weight_GBps"] = row["fast_tokens_per_s"] / batch * weight_bytes / 1e9
+        row["bf16_linear_gemv_GBps"] = gemv_rate(weight_bytes) / 1e9
         row["bound_tokens_per_s_bf16"] = batch * bw / weight_bytes
         row["fast_fraction_of_bound"] = row["fast_tokens_per_s"] / row["bound_tokens_per_s_bf16"]
         with torch.no_grad():
-            agree = (dec.generate(prompt, new_tokens) == ref[:, prompt_len:]).float().mean().item()
+            out = dec.generate(prompt, new_tokens)
+            agree = (out == ref[:, prompt_len:]).float().mean().item()
+            # each token the fast path chose is the argmax of the eager bf16 model's logits (teacher-forced on the
+            # fast path's own tokens), up to bf16 rounding between kernels
+            logits = fast_model(torch.cat([prompt, out], 1)).logits[:, prompt_len - 1 : -1].float()
+        gap = logits.max(-1).values - logits.gather(-1, out[..., None])[..., 0]
+        row["fast_max_logit_gap_vs_eager_bf16"] = gap.max().item()
         row["fast_agreement_with_fp32_greedy"] = agree
         rows.append(row)
         del fast_model, dec
@@ -337,8 +284,8 @@ def to_markdown(meta: dict, results: dict) -> str:
     if results.get("decode"):
         lines += [
             "| greedy decode (100M) | stock tok/s | ours tok/s | ours / stock | fastest tok/s | fastest / stock "
-            "| bandwidth bound tok/s (bf16 weights) | fastest / bound | bf16 GEMV ceiling tok/s | fastest / ceiling "
-            "| prefill ms stock / ours |",
+            "| bandwidth bound tok/s (bf16 weights) | fastest / bound | fastest: weights GB/s "
+            "| bf16 F.linear GEMV GB/s | prefill ms stock / ours |",
             "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in results["decode"]:
@@ -346,12 +293,8 @@ def to_markdown(meta: dict, results: dict) -> str:
                 f"| batch {r['batch']}, {r['prompt']}+{r['new_tokens']} | {r['stock_tokens_per_s']:.1f} | "
                 f"{r['ours_tokens_per_s']:.1f} | {r['ratio']:.2f}x | {r['fast_tokens_per_s']:.1f} | "
                 f"{r['fast_vs_stock']:.2f}x | {r['bound_tokens_per_s_bf16']:.1f} | {r['fast_fraction_of_bound']:.0%} | "
-                + (
-                    f"{r['gemv_ceiling_tokens_per_s']:.1f} | {r['fast_fraction_of_gemv_ceiling']:.0%} | "
-                    if r.get("gemv_ceiling_tokens_per_s")
-                    else "– | – | "
-                )
-                + f"{r['stock_prefill_ms']:.0f} / {r['ours_prefill_ms']:.0f} |"
+                f"{r['fast_weight_GBps']:.1f} | {r['bf16_linear_gemv_GBps']:.1f} | "
+                f"{r['stock_prefill_ms']:.0f} / {r['ours_prefill_ms']:.0f} |"
             )
         lines.append("")
     if results.get("tokenizer"):

@@ -282,7 +282,9 @@ def _train_line(r: dict) -> str:
 
 # ------------------------------------------------------------------------------------------------ decode
 def bench_decode(device, args, env) -> list[dict]:
-    from bench_cpu import FastDecoder, _twins
+    from bench_cpu import _twins
+
+    from modeling_llama import FastDecoder
 
     ours, stock = _twins(args.preset, device=device, **_overrides(args))
     ours, stock = ours.to(torch.bfloat16).eval(), stock.to(torch.bfloat16).eval()

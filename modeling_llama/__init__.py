@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 from .configuration_llama import PRESETS, LlamaConfig, LlamaPreset, get_preset, llama_ffn_dim
+from .fast_decode import FastDecoder
 from .modeling_llama import (
     LlamaForCausalLM,
     LlamaForSequenceClassification,
@@ -36,6 +37,7 @@ __all__ = [
     "LlamaModel",
     "LlamaForCausalLM",
     "LlamaForSequenceClassification",
+    "FastDecoder",
     "LlamaTokenizer",
     "LlamaTokenizerFast",
     "convert_sentencepiece_to_tokenizer",
