@@ -91,7 +91,7 @@ class PretrainConfig:
     adam_beta1: float = _f(0.9, "AdamW beta1")
     adam_beta2: float = _f(0.95, "AdamW beta2")
     adam_epsilon: float = _f(1e-8, "AdamW epsilon")
-    optim_implementation: str = _f("auto", "AdamW kernel: auto (fused on CUDA, foreach otherwise), fused, foreach")
+    optim_implementation: str = _f("auto", "AdamW kernel: auto (fused on CPU/CUDA, else foreach), fused, foreach")
     max_grad_norm: float = _f(1.0, "gradient clipping norm")
     bf16: bool | None = _f(None, "bf16 mixed precision; None: on for CUDA, off (fp32) on CPU")
     activation_checkpointing: str = _f(
