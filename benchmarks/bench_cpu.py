@@ -245,6 +245,22 @@ def bench_decode(preset: str, prompt_len: int, new_tokens: int, repeats: int, co
 
 # ------------------------------------------------------------------------------------------------ tokenizer
 def bench_tokenizer(repeats: int) -> list[dict]:
+    """Encode MB/s of sentencepiece and ours on all threads (here) and on one thread (a child process: the Rust
+    thread pool is sized once per process, from ``RAYON_NUM_THREADS``), repetitions interleaved, medians."""
+    import subprocess
+
+    rows = _tokenizer_rows(repeats, os.cpu_count() or 1)
+    env = {**os.environ, "RAYON_NUM_THREADS": "1"}
+    cmd = [sys.executable, __file__, "--tokenizer_child", "--repeats", str(repeats)]
+    child = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+    return _tokenizer_rows_sorted(rows + json.loads(child.stdout.strip().splitlines()[-1]))
+
+
+def _tokenizer_rows_sorted(rows: list[dict]) -> list[dict]:
+    return sorted(rows, key=lambda r: (r["threads"], r["tokenizer"]))
+
+
+def _tokenizer_rows(repeats: int, threads: int) -> list[dict]:
     import sentencepiece as spm
 
     from modeling_llama import LlamaTokenizer, LlamaTokenizerFast
@@ -255,33 +271,35 @@ def bench_tokenizer(repeats: int) -> list[dict]:
     model = str(REPO / "tests/fixtures/tokenizer.model")
     sp = spm.SentencePieceProcessor(model_file=model)
     fast = LlamaTokenizerFast(vocab_file=model)
-    slow = LlamaTokenizer(vocab_file=model)
-    reference = sp.encode(docs)
+    reference = sp.encode(docs, num_threads=1)
     runs = {
-        "sentencepiece (1 thread)": lambda: sp.encode(docs),
-        f"sentencepiece ({os.cpu_count()} threads)": lambda: sp.encode(docs, num_threads=os.cpu_count()),
-        "ours fast (batch)": lambda: [
+        "sentencepiece": lambda: sp.encode(docs, num_threads=threads),
+        "ours fast (`encode_batch_fast`)": lambda: [
             e.ids for e in fast.backend_tokenizer.encode_batch_fast(docs, add_special_tokens=False)
         ],
-        "ours fast (__call__)": lambda: [ids[1:] for ids in fast(docs)["input_ids"]],
-        "ours slow": lambda: [ids[1:] for ids in slow(docs)["input_ids"]],
+        "ours fast (`tokenizer(docs)`)": lambda: [ids[1:] for ids in fast(docs)["input_ids"]],
     }
-    rows = []
-    for name, fn in runs.items():
-        out = fn()
-        mismatches = sum(a != b for a, b in zip(out, reference))
-        best = min(_timeit(fn, repeats, warmup=0))
-        rows.append(
-            {
-                "bench": "tokenizer encode",
-                "tokenizer": name,
-                "MB_per_s": mb / best,
-                "MB": mb,
-                "documents": len(docs),
-                "mismatched_documents": mismatches,
-            }
-        )
-    return rows
+    if threads > 1:  # the slow tokenizer is sentencepiece inside transformers, one document at a time
+        slow = LlamaTokenizer(vocab_file=model)
+        runs["ours slow"] = lambda: [ids[1:] for ids in slow(docs)["input_ids"]]
+    mismatches = {name: sum(a != b for a, b in zip(fn(), reference)) for name, fn in runs.items()}
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):  # interleaved, so that drifting machine load hits all alike
+        for name, fn in runs.items():
+            times[name] += _timeit(fn, 1, warmup=0)
+    return [
+        {
+            "bench": "tokenizer encode",
+            "tokenizer": name,
+            "threads": threads,
+            "MB_per_s": mb / statistics.median(times[name]),
+            "MB_per_s_runs": [mb / t for t in times[name]],
+            "MB": mb,
+            "documents": len(docs),
+            "mismatched_documents": mismatches[name],
+        }
+        for name in runs
+    ]
 
 
 def to_markdown(meta: dict, results: dict) -> str:
@@ -322,9 +340,11 @@ def to_markdown(meta: dict, results: dict) -> str:
             )
         lines.append("")
     if results.get("tokenizer"):
-        lines += ["| tokenizer encode (5 MB) | MB/s | mismatched documents |", "|---|---|---|"]
+        lines += ["| tokenizer encode (5 MB) | threads | MB/s (median) | mismatched documents |", "|---|---|---|---|"]
         for r in results["tokenizer"]:
-            lines.append(f"| {r['tokenizer']} | {r['MB_per_s']:.2f} | {r['mismatched_documents']} |")
+            lines.append(
+                f"| {r['tokenizer']} | {r.get('threads', '?')} | {r['MB_per_s']:.2f} | {r['mismatched_documents']} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -337,7 +357,11 @@ def main() -> int:
     p.add_argument("--new_tokens", type=int, default=64)
     p.add_argument("--no_compile", action="store_true", help="skip torch.compile (decode fast path, compiled step)")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    p.add_argument("--tokenizer_child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.tokenizer_child:  # one-thread tokenizer rows, printed as JSON for the parent (RAYON_NUM_THREADS=1)
+        print(json.dumps(_tokenizer_rows(args.repeats, 1)))
+        return 0
     import transformers
 
     todo = args.only or ["tokenizer", "decode", "train"]
@@ -354,7 +378,7 @@ def main() -> int:
     path = out / "cpu.json"
     results = json.loads(path.read_text())["results"] if path.is_file() else {}
     if "tokenizer" in todo:
-        results["tokenizer"] = bench_tokenizer(args.repeats)
+        results["tokenizer"] = bench_tokenizer(max(args.repeats, 5))
     if "decode" in todo:
         results["decode"] = bench_decode(args.preset, 32, args.new_tokens, args.repeats, not args.no_compile)
     if "train" in todo:
