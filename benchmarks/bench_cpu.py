@@ -253,10 +253,7 @@ def bench_tokenizer(repeats: int) -> list[dict]:
     env = {**os.environ, "RAYON_NUM_THREADS": "1"}
     cmd = [sys.executable, __file__, "--tokenizer_child", "--repeats", str(repeats)]
     child = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
-    return _tokenizer_rows_sorted(rows + json.loads(child.stdout.strip().splitlines()[-1]))
-
-
-def _tokenizer_rows_sorted(rows: list[dict]) -> list[dict]:
+    rows += json.loads(child.stdout.strip().splitlines()[-1])
     return sorted(rows, key=lambda r: (r["threads"], r["tokenizer"]))
 
 

@@ -86,11 +86,10 @@ class FastDecoder:
                         module.forward = _gemv_linear_forward.__get__(module)
             else:
                 options = {"freezing": True}  # weights become constants, pre-packed for oneDNN's GEMM
-        self._step = self._forward_step
-        if compile and self.cuda:
-            self._step = torch.compile(self._forward_step, fullgraph=True, dynamic=False, mode="reduce-overhead")
-        elif compile:
-            self._step = torch.compile(self._forward_step, fullgraph=True, dynamic=False, options=options)
+        self._step = self._forward
+        if compile:  # CUDA: replayed as one CUDA graph per token
+            mode = "reduce-overhead" if self.cuda else None
+            self._step = torch.compile(self._forward, fullgraph=True, dynamic=False, mode=mode, options=options)
 
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         out = self.model(
@@ -101,9 +100,6 @@ class FastDecoder:
             cache_position=pos,
         )
         return out.logits[:, -1].argmax(-1)  # (B,)
-
-    def _forward_step(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        return self._forward(ids, pos)
 
     def _call_step(self, nxt: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         if self.cuda:
