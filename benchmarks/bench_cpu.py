@@ -68,9 +68,12 @@ def _timeit(fn, repeats: int, warmup: int = 1, device: torch.device | None = Non
 
 # ------------------------------------------------------------------------------------------------ training step
 def bench_train(preset: str, seq: int, batch: int, repeats: int, compile: bool = True) -> list[dict]:
-    """Stock and ours in eager mode, and ours with regional compilation (``training.parallel.apply_compile``) and a
-    compiled loss, as ``training.pretrain --compile true`` runs it. Same weights, loss (next-token CE in fp32) and
-    optimizer (fused AdamW: what ``training.optim`` picks and transformers' ``Trainer`` defaults to).
+    """Stock and ours in eager mode (both SDPA), and ours with regional compilation
+    (``training.parallel.apply_compile``) and a compiled loss, as ``training.pretrain --compile true`` runs it on
+    CPU: ``attn_implementation="blocked_causal"`` (pretrain's ``auto`` on CPU) and the loss fused with the LM
+    head (``fused_loss``, on by default on CPU); and, to show what those two choices are worth, compiled with SDPA
+    and a compiled separate loss. Same weights, loss (next-token CE in fp32) and optimizer (fused AdamW: what
+    ``training.optim`` picks and transformers' ``Trainer`` defaults to).
 
     Also measured, from one profiled stock step: the share of the step spent in the matrix products and attention
     kernels (``aten::mm``/``addmm``/``bmm``, SDPA forward and backward), which no fusion of the rest can remove;
@@ -78,25 +81,32 @@ def bench_train(preset: str, seq: int, batch: int, repeats: int, compile: bool =
     import copy
 
     from training.parallel import apply_compile
-    from training.pretrain import cross_entropy
+    from training.pretrain import _loss, cross_entropy, resolve_attn_implementation
 
     rows = []
     ours, stock = _twins(preset)
     models = {"stock": stock, "ours": ours}
     if compile:
         models["ours_compiled"] = apply_compile(copy.deepcopy(ours))
+        models["ours_compiled"].set_attn_implementation(resolve_attn_implementation("auto", cuda=False))
+        models["ours_compiled_sdpa"] = apply_compile(copy.deepcopy(ours))
     ids = torch.randint(0, ours.config.vocab_size, (batch, seq + 1))
     for dtype in ("fp32", "bf16"):
         steps = {}
         for name, model in models.items():
             model.train()
             opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
-            ce = torch.compile(cross_entropy) if name == "ours_compiled" else cross_entropy
+            # what pretrain runs: the fused loss for "ours_compiled" (loss_fn None), else logits + a separate loss
+            ce = {"ours_compiled": None, "ours_compiled_sdpa": torch.compile(cross_entropy)}.get(name, cross_entropy)
 
             def step(model=model, opt=opt, dtype=dtype, ce=ce):
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
-                    logits = model(input_ids=ids[:, :-1]).logits
-                loss = ce(logits, ids[:, 1:])
+                    if ce is None:
+                        loss = _loss(model, ids, None)  # loss_fn None: fused with the LM head
+                    else:
+                        logits = model(input_ids=ids[:, :-1]).logits
+                if ce is not None:
+                    loss = ce(logits, ids[:, 1:])
                 loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
@@ -125,6 +135,9 @@ def bench_train(preset: str, seq: int, batch: int, repeats: int, compile: bool =
         if compile:
             row["ours_compiled_tokens_per_s"] = tok / med["ours_compiled"]
             row["compiled_ratio"] = med["stock"] / med["ours_compiled"]
+            row["compiled_attn_implementation"] = models["ours_compiled"].config._attn_implementation
+            row["ours_compiled_sdpa_tokens_per_s"] = tok / med["ours_compiled_sdpa"]
+            row["compiled_sdpa_ratio"] = med["stock"] / med["ours_compiled_sdpa"]
         row["stock_matmul_attention_share"] = _kernel_share(steps["stock"])
         row["max_ratio_same_kernels"] = 1 / row["stock_matmul_attention_share"]
         rows.append(row)
@@ -308,15 +321,17 @@ def to_markdown(meta: dict, results: dict) -> str:
     if results.get("train"):
         lines += [
             "| training step (100M, seq 512) | stock tok/s | ours tok/s | ours / stock | ours compiled tok/s | "
-            "compiled / stock | stock time in matmuls + attention | max ratio with the same kernels |",
-            "|---|---|---|---|---|---|---|---|",
+            "compiled / stock | compiled with SDPA, separate loss / stock | stock time in matmuls + attention "
+            "| max ratio with the same kernels |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for r in results["train"]:
             lines.append(
                 f"| {r['dtype']}, batch {r['tokens_per_step'] // 512} | {r['stock_tokens_per_s']:,.0f} | "
                 f"{r['ours_tokens_per_s']:,.0f} | {r['ratio']:.2f}x | "
                 f"{r.get('ours_compiled_tokens_per_s', float('nan')):,.0f} | "
-                f"{r.get('compiled_ratio', float('nan')):.2f}x | {r['stock_matmul_attention_share']:.0%} | "
+                f"{r.get('compiled_ratio', float('nan')):.2f}x | {r.get('compiled_sdpa_ratio', float('nan')):.2f}x | "
+                f"{r['stock_matmul_attention_share']:.0%} | "
                 f"{r['max_ratio_same_kernels']:.2f}x |"
             )
         lines.append("")

@@ -274,7 +274,9 @@ def convert_llama_to_hf(
         config.dtype = torch_dtype
         config.auto_map = dict(AUTO_MAP)
         config.save_pretrained(tmp)
-        shutil.copyfile(Path(modeling_llama.modeling_llama.__file__), tmp / "modeling_llama.py")
+        code = Path(modeling_llama.modeling_llama.__file__).parent
+        for name in ("modeling_llama.py", "linear_cross_entropy.py"):  # the model file and its relative import
+            shutil.copyfile(code / name, tmp / name)
         GenerationConfig(
             bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=0
         ).save_pretrained(tmp)

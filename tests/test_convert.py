@@ -87,6 +87,7 @@ def test_output_folder_contents(tmp_path, real_tokenizer_path):
         "tokenizer_config.json",
         "README.md",
         "modeling_llama.py",
+        "linear_cross_entropy.py",
         "configuration_llama.py",
         "tokenization_llama.py",
         "tokenization_llama_fast.py",

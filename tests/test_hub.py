@@ -42,6 +42,7 @@ def test_folder_contents_card_and_generation_config(folder):
         "tokenizer_config.json",
         "configuration_llama.py",
         "modeling_llama.py",
+        "linear_cross_entropy.py",
         "tokenization_llama.py",
         "tokenization_llama_fast.py",
     } <= names
@@ -206,6 +207,7 @@ def test_push_to_hub_sends_the_whole_folder(monkeypatch, folder, real_tokenizer_
         "generation_config.json",
         "README.md",
         "modeling_llama.py",
+        "linear_cross_entropy.py",
         "configuration_llama.py",
         "tokenizer.json",
         "tokenizer.model",

@@ -213,15 +213,18 @@ def test_errors_are_clear(tmp_path, cache, capsys):
     assert "not a multiple of seq_length 32" in capsys.readouterr().err
 
 
-def test_compile_matches_eager(tmp_path, cache):
-    """compile: true (regional torch.compile of the layers + compiled loss) trains the same model as eager mode:
-    same per-step losses and gradient norms up to float rounding, same exported weight names and values."""
+def test_compile_matches_eager(tmp_path, cache, capsys):
+    """compile: true (regional torch.compile of the layers + compiled loss) with the CPU's default attention
+    (``auto``: blocked_causal) trains the same model as eager mode with SDPA: same per-step losses and gradient
+    norms up to float rounding, same exported weight names and values."""
     steps = ["--max_steps", "4", "--save_steps", "4", "--eval_steps", "4", "--activation_checkpointing", "selective"]
-    assert main(args(tmp_path / "eager", cache, *steps)) == 0
+    assert main(args(tmp_path / "eager", cache, *steps, "--attn_implementation", "sdpa")) == 0
+    assert "attention sdpa" in capsys.readouterr().err
     from torch._dynamo.utils import counters
 
     counters.clear()
     assert main(args(tmp_path / "compiled", cache, *steps, "--compile", "true")) == 0
+    assert "attention blocked_causal, fused LM head + loss, compiled" in capsys.readouterr().err
     assert counters["stats"]["unique_graphs"] >= 2  # the layers' graph(s) and the loss were really compiled
     eager = read_metrics(tmp_path / "eager" / "metrics.jsonl")
     compiled = read_metrics(tmp_path / "compiled" / "metrics.jsonl")
@@ -237,4 +240,4 @@ def test_compile_matches_eager(tmp_path, cache):
 
 def test_compile_refuses_eager_attention(tmp_path, cache, capsys):
     assert main(args(tmp_path / "r", cache, "--compile", "true", "--attn_implementation", "eager")) == 2
-    assert "compile needs attn_implementation sdpa" in capsys.readouterr().err
+    assert "compile needs attn_implementation auto, sdpa, blocked_causal" in capsys.readouterr().err

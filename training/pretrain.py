@@ -56,7 +56,11 @@ class PretrainConfig:
     model_preset: str = _f("tiny", "architecture preset: tiny, small, 100M, 1B, 7B, 13B, 33B (30B), 65B")
     model_config: dict = _f({}, 'overrides of LlamaConfig fields, e.g. {"num_hidden_layers": 4}')
     init_from: str | None = _f(None, "start from the weights of this Hub folder instead of a random init")
-    attn_implementation: str = _f("sdpa", "attention kernel: sdpa (memory-efficient / flash), eager, flash_attention_2")
+    attn_implementation: str = _f(
+        "auto",
+        "attention kernel: sdpa (memory-efficient / flash), blocked_causal (exact, skips masked blocks; fastest on "
+        "CPU), eager, flash_attention_2; auto: blocked_causal on CPU, sdpa on GPUs",
+    )
     # --- tokenizer and data
     tokenizer: str | None = _f(None, "tokenizer folder or tokenizer.model; None: train one (tokenizer_train)")
     tokenizer_train: dict = _f(
@@ -104,6 +108,11 @@ class PretrainConfig:
         "torch.compile every decoder layer (regional compilation: one graph for all layers) and the loss; "
         "1.6x tokens/s for the 1B preset on an H100 (benchmarks/RESULTS.md); not with DeepSpeed",
     )
+    fused_loss: bool | None = _f(
+        None,
+        "compute the loss fused with the LM head, chunk by chunk, without the (B, T, V) logits (same loss and "
+        "gradients, less memory); None: on for CPU (faster there), off on CUDA (the compiled loss)",
+    )
     max_consecutive_nonfinite: int = _f(5, "abort after this many steps in a row with non-finite loss/gradients")
     # --- logging, evaluation, checkpoints
     logging_steps: int = _f(10, "write metrics every N steps (metrics.jsonl gets every step)")
@@ -128,7 +137,7 @@ class PretrainConfig:
             (self.parallelism in ("auto", "fsdp2"), "parallelism must be auto or fsdp2"),
             (
                 not (self.compile and self.attn_implementation == "eager"),
-                "compile needs attn_implementation sdpa (or flash_attention_2), not eager",
+                "compile needs attn_implementation auto, sdpa, blocked_causal or flash_attention_2, not eager",
             ),
             (self.lr_scheduler_type in ("cosine", "constant"), "lr_scheduler_type must be cosine or constant"),
             (self.max_steps >= 1, "max_steps must be >= 1"),
@@ -214,7 +223,7 @@ class Trainer:
     flops_per_token: float
     peak_flops: float | None
     run_dir: Path
-    loss_fn: Any = None  # (logits, targets) -> mean cross-entropy; compiled with cfg.compile
+    loss_fn: Any = None  # (logits, targets) -> mean cross-entropy, compiled with cfg.compile; None: fused loss
 
 
 # ------------------------------------------------------------------------------------------------ setup
@@ -279,12 +288,21 @@ def build_sources(cfg: PretrainConfig, tokenizer, accelerator) -> list:
     return streams
 
 
-def build_model(cfg: PretrainConfig, tokenizer):
+def resolve_attn_implementation(name: str, cuda: bool) -> str:
+    """``auto`` -> ``sdpa`` (flash / memory-efficient kernels) on GPUs, ``blocked_causal`` on CPU, where it beats
+    SDPA's flash kernel by skipping the masked blocks in plain matrix products (benchmarks/RESULTS.md)."""
+    if name != "auto":
+        return name
+    return "sdpa" if cuda else "blocked_causal"
+
+
+def build_model(cfg: PretrainConfig, tokenizer, cuda: bool = False):
     from modeling_llama import LlamaConfig, LlamaForCausalLM
 
+    attn_implementation = resolve_attn_implementation(cfg.attn_implementation, cuda)
     if cfg.init_from:
         model = LlamaForCausalLM.from_pretrained(
-            cfg.init_from, dtype=torch.float32, attn_implementation=cfg.attn_implementation
+            cfg.init_from, dtype=torch.float32, attn_implementation=attn_implementation
         )
         if model.config.vocab_size != len(tokenizer):
             raise ConfigError(
@@ -301,10 +319,10 @@ def build_model(cfg: PretrainConfig, tokenizer):
         raise ConfigError(
             f"seq_length {cfg.seq_length} exceeds max_position_embeddings {config.max_position_embeddings}"
         )
-    config._attn_implementation = cfg.attn_implementation
+    config._attn_implementation = attn_implementation
     torch.manual_seed(cfg.seed)
     model = LlamaForCausalLM(config)
-    model.set_attn_implementation(cfg.attn_implementation)
+    model.set_attn_implementation(attn_implementation)
     return model
 
 
@@ -320,6 +338,7 @@ def setup(cfg: PretrainConfig) -> Trainer:
 
     cuda = torch.cuda.is_available()
     bf16 = cfg.bf16 if cfg.bf16 is not None else cuda
+    fused_loss = cfg.fused_loss if cfg.fused_loss is not None else not cuda
     world = int(os.environ.get("WORLD_SIZE", "1"))
     micro, accum, seqs_per_step = resolve_batch(cfg, world)
     env_fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
@@ -377,7 +396,7 @@ def setup(cfg: PretrainConfig) -> Trainer:
     mixture = PackedMixture(train_sources, cfg.seq_length, cfg.seed)
     loader = PretrainLoader(mixture, micro, accum, accelerator.num_processes, accelerator.process_index)
 
-    model = build_model(cfg, tokenizer)
+    model = build_model(cfg, tokenizer, cuda)
     model_config = model.config
     n_params = sum(p.numel() for p in model.parameters())
     fpt = flops_per_token(
@@ -445,7 +464,7 @@ def setup(cfg: PretrainConfig) -> Trainer:
         fpt,
         peak,
         run_dir,
-        torch.compile(cross_entropy) if cfg.compile else cross_entropy,
+        None if fused_loss else torch.compile(cross_entropy) if cfg.compile else cross_entropy,
     )
     if resume is not None:
         load_checkpoint(trainer, resume)
@@ -469,7 +488,8 @@ def setup(cfg: PretrainConfig) -> Trainer:
             f"{accelerator.num_processes} process(es), micro-batch {micro} x accumulation {accum} x "
             f"world {accelerator.num_processes} = {seqs_per_step} sequences of {cfg.seq_length} "
             f"tokens per step, {'bf16' if bf16 else 'fp32'}, activation checkpointing "
-            f"{cfg.activation_checkpointing}"
+            f"{cfg.activation_checkpointing}, attention {model_config._attn_implementation}, "
+            f"{'fused' if fused_loss else 'separate'} LM head + loss"
             + (f", compiled {n_compiled} decoder layers" if cfg.compile else "")
             + (f"; resumed from {resume} at step {trainer.state.step}" if resume else ""),
         )
@@ -555,9 +575,12 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def _loss(model, batch: torch.Tensor, loss_fn=cross_entropy) -> torch.Tensor:
-    """Mean next-token cross-entropy of a packed (B, T+1) batch: inputs [:, :-1], targets [:, 1:]."""
+    """Mean next-token cross-entropy of a packed (B, T+1) batch: inputs [:, :-1], targets [:, 1:]. With no
+    ``loss_fn``, the model computes it fused with its LM head (``return_logits=False``), never making logits."""
+    if loss_fn is None:
+        return model(input_ids=batch[:, :-1], shift_labels=batch[:, 1:], return_logits=False, use_cache=False).loss
     logits = model(input_ids=batch[:, :-1], use_cache=False).logits  # (B, T, V)
-    return (loss_fn or cross_entropy)(logits, batch[:, 1:])
+    return loss_fn(logits, batch[:, 1:])
 
 
 def evaluate(t: Trainer) -> dict[str, float]:
