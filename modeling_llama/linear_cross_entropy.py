@@ -38,8 +38,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             divisor = valid.sum().float() if divisor is None else divisor
             # every row's gradient carries 1/divisor (0 for ignored rows): scaled once, here, not in backward
             scale = valid.float() / divisor  # (N,)
-            grad_h = torch.empty_like(h)  # (N, D)
-            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)  # (V, D)
+            need_h, need_w = ctx.needs_input_grad[:2]  # both False under no_grad: the loss alone
+            grad_h = torch.empty_like(h) if need_h else None  # (N, D)
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
             loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
             chunk = max(1, min(n, _CHUNK_LOGITS // vocab))
             buf = torch.empty(chunk, vocab, dtype=torch.float32, device=hidden.device)  # reused by every chunk
@@ -59,13 +60,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 z.sub_(top).exp_()
                 total = z.sum(dim=1, keepdim=True)  # (C, 1)
                 loss += ((total.log() + top - picked).squeeze(1) * valid[start:end]).sum()
+                if not (need_h or need_w):
+                    continue
                 z.mul_(sc[:, None] / total)  # softmax / divisor (0 on ignored rows)
                 z[rows[:c], tc] -= sc  # d loss / d logits = (softmax - onehot) / divisor
                 g = z if low is None else low[:c].copy_(z)
-                torch.mm(g, w, out=grad_h[start:end])  # (C, D)
-                if low is None:
+                if need_h:
+                    torch.mm(g, w, out=grad_h[start:end])  # (C, D)
+                if need_w and low is None:
                     grad_w.addmm_(g.T, hc)  # (V, D), in place
-                else:
+                elif need_w:
                     grad_w.add_(g.T @ hc)  # product in the compute dtype, accumulated in float32
             ctx.save_for_backward(grad_h, grad_w)
             ctx.dtypes = (hidden.dtype, weight.dtype)
@@ -74,7 +78,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         grad_h, grad_w = ctx.saved_tensors  # scaled in place: no new buffers (a second backward is refused)
-        return grad_h.mul_(grad_loss).to(ctx.dtypes[0]), grad_w.mul_(grad_loss).to(ctx.dtypes[1]), None, None, None
+        grad_h = None if grad_h is None else grad_h.mul_(grad_loss).to(ctx.dtypes[0])
+        grad_w = None if grad_w is None else grad_w.mul_(grad_loss).to(ctx.dtypes[1])
+        return grad_h, grad_w, None, None, None
 
 
 def linear_cross_entropy(

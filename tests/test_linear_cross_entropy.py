@@ -42,6 +42,17 @@ def test_matches_cross_entropy_on_logits(small_chunks, num_items):
     assert got_h[::5].abs().max() == 0  # ignored rows get no gradient
 
 
+def test_no_grad_and_frozen_weight(small_chunks):
+    h, w, t = _inputs(seed=2)
+    ref = F.cross_entropy(h @ w.T, t)
+    with torch.no_grad():
+        torch.testing.assert_close(lce.linear_cross_entropy(h, w, t), ref, rtol=1e-6, atol=1e-6)
+    frozen = w.detach()  # e.g. LoRA: the head is frozen, only the hidden states need a gradient
+    (got_h,) = torch.autograd.grad(lce.linear_cross_entropy(h, frozen, t), (h,))
+    (ref_h,) = torch.autograd.grad(ref, (h,))
+    torch.testing.assert_close(got_h, ref_h, rtol=1e-5, atol=1e-6)
+
+
 def test_bf16_autocast_close_to_float32_loss_of_bf16_logits(small_chunks):
     h, w, t = _inputs(seed=1)
     with torch.autocast("cpu", dtype=torch.bfloat16):
