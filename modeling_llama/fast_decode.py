@@ -23,9 +23,21 @@ compiling), so the model can still be used, trained or saved as before.
 
 from __future__ import annotations
 
+import contextlib
+import inspect
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def _skip_guards(skip: bool):
+    """``set_stance(skip_guard_eval_unsafe=skip)`` where torch has it (2.7+); on older torch the guards are
+    evaluated as usual (slower per token, same tokens)."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    if set_stance is None or "skip_guard_eval_unsafe" not in inspect.signature(set_stance).parameters:
+        return contextlib.nullcontext()
+    return set_stance("default", skip_guard_eval_unsafe=skip)
 
 
 def _gemv_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -134,7 +146,7 @@ class FastDecoder:
             tokens.append(nxt)
             start, self._warm = 1, True
         # later calls skip dynamo's guard evaluation: the shapes are the ones checked above
-        with torch.compiler.set_stance("default", skip_guard_eval_unsafe=self._warm):
+        with _skip_guards(self._warm):
             for i in range(start, max_new_tokens - 1):
                 nxt = self._call_step(nxt, positions[i : i + 1])
                 tokens.append(nxt)

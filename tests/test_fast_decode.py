@@ -67,3 +67,21 @@ def test_fast_decode_refuses_bad_input():
         FastDecoder(ours, batch_size=0, max_length=16)
     with pytest.raises(TypeError, match="causal LM"):
         FastDecoder(torch.nn.Linear(2, 2), batch_size=1, max_length=16)
+
+
+def test_guard_skipping_falls_back_on_older_torch(monkeypatch):
+    """torch 2.6 has ``set_stance`` without ``skip_guard_eval_unsafe``: the decoder then evaluates guards as usual
+    instead of failing (the supported floor is torch>=2.6)."""
+    import contextlib
+
+    import modeling_llama.fast_decode as fd
+
+    def old_set_stance(stance="default", *, force_backend=None):  # torch 2.6's signature
+        raise AssertionError("must not be called with the new keyword")
+
+    monkeypatch.setattr(torch.compiler, "set_stance", old_set_stance)
+    assert isinstance(fd._skip_guards(True), contextlib.nullcontext)
+    ours, stock = twin_models(seed=6)
+    prompt = torch.randint(3, 512, (1, PROMPT), generator=torch.Generator().manual_seed(6))
+    dec = FastDecoder(ours, batch_size=1, max_length=PROMPT + NEW, dtype=torch.float32, compile=False)
+    assert torch.equal(dec.generate(prompt, NEW), stock_greedy(stock, prompt, NEW))
