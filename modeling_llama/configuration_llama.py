@@ -128,7 +128,7 @@ class LlamaConfig(PretrainedConfig):
     """
 
     model_type = "llama"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]
     # Tensor-parallel plan, declared as data (same strings as stock Llama; applied by transformers' TP code).
     base_model_tp_plan = {
         "layers.*.self_attn.q_proj": "colwise",

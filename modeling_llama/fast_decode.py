@@ -54,8 +54,8 @@ class FastDecoder:
     """Greedy decoding of a causal LM through a static cache and a compiled one-token step.
 
     Args:
-        model: a causal LM whose forward accepts ``past_key_values``/``cache_position`` (ours or stock
-            transformers' ``LlamaForCausalLM``).
+        model: a causal LM whose forward takes a ``Cache`` (``cache``, or ``past_key_values`` before transformers
+            5.24) and ``cache_position`` (ours or stock transformers' ``LlamaForCausalLM``).
         batch_size: the batch size every :meth:`generate` call will use (the cache and the graph are built for it).
         max_length: prompt + new tokens the cache holds.
         dtype: weights and cache dtype (bf16 by default).
@@ -89,6 +89,8 @@ class FastDecoder:
         self.compiled = compile
         self._warm = False  # set once the compiled step has run (and compiled) once
         self.cache = StaticCache(config=model.config, max_cache_len=max_length)
+        params = inspect.signature(model.forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"  # transformers >= 5.24 : older
         options = None
         if not self.cuda:
             model.config._attn_implementation = "eager"  # fused by inductor for a one-row query
@@ -107,9 +109,9 @@ class FastDecoder:
         out = self.model(
             input_ids=ids,
             position_ids=pos[None].expand(ids.shape[0], -1),
-            past_key_values=self.cache,
             use_cache=True,
             cache_position=pos,
+            **{self._cache_arg: self.cache},
         )
         return out.logits[:, -1].argmax(-1)  # (B,)
 

@@ -18,6 +18,7 @@ F SwiGLU width, V vocabulary.
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Callable
 
@@ -38,6 +39,27 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 
 from .configuration_llama import LlamaConfig
 from .linear_cross_entropy import LlamaLMHead
+
+# transformers 5.24 renamed the KV cache argument and output field from ``past_key_values`` to ``cache`` (the old
+# argument warns until 5.40). Our forwards take either name; the mask builder and the outputs get the installed
+# version's own.
+_MASK_CACHE_ARG = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+_OUTPUT_CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def _one_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
+    """The cache given under either name (``cache``, or ``past_key_values`` as transformers < 5.24 calls it)."""
+    if cache is not None and past_key_values is not None:
+        raise ValueError(
+            "Got both `cache` and `past_key_values`: they are two names of the same argument (`past_key_values` is "
+            "its name before transformers 5.24); pass the cache once."
+        )
+    return cache if cache is not None else past_key_values
+
+
+def _output_cache(outputs) -> Cache | None:
+    return getattr(outputs, _OUTPUT_CACHE_FIELD, None)
+
 
 __all__ = [
     "LlamaPreTrainedModel",
@@ -254,7 +276,7 @@ class LlamaAttention(nn.Module):
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         bsz, q_len, _ = hidden_states.shape
@@ -266,8 +288,8 @@ class LlamaAttention(nn.Module):
         cos, sin = position_embeddings
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
 
-        if past_key_values is not None:
-            k, v = past_key_values.update(k, v, self.layer_idx)  # (B, Hk, S, Dh)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)  # (B, Hk, S, Dh)
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
@@ -301,7 +323,7 @@ class LlamaDecoderLayer(GradientCheckpointingLayer):
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         use_cache: bool | None = False,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         output_attentions: bool = False,
@@ -311,7 +333,7 @@ class LlamaDecoderLayer(GradientCheckpointingLayer):
             self.input_layernorm(hidden_states),
             position_embeddings=position_embeddings,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
+            cache=cache,
             position_ids=position_ids,
             **kwargs,
         )
@@ -418,7 +440,7 @@ class LlamaPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     # One decoder layer is the unit that device_map="auto" never splits and that FSDP wraps.
     _no_split_modules = ["LlamaDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
@@ -503,12 +525,13 @@ class LlamaModel(LlamaPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast | tuple:
         """Run the decoder.
@@ -518,7 +541,8 @@ class LlamaModel(LlamaPreTrainedModel):
             attention_mask: (B, S) with 1 for real tokens and 0 for padding (left or right), or a prepared 4D mask.
             position_ids: (B, T) positions; default ``cache_length + arange(T)``. Generation derives them from the
                 mask so that left-padded rows get the positions of unpadded ones.
-            past_key_values: a ``Cache`` (``DynamicCache``, ``StaticCache`` ...) to extend; created if ``use_cache``.
+            cache: a ``Cache`` (``DynamicCache``, ``StaticCache`` ...) to extend; created if ``use_cache``.
+                ``past_key_values`` is accepted as its other name (transformers < 5.24 calls it that).
             use_cache: return the cache (defaults to ``config.use_cache``; off while training).
             output_attentions: return per-layer attention probabilities (needs ``attn_implementation="eager"``).
             output_hidden_states: return the embeddings and the output of every layer.
@@ -531,16 +555,17 @@ class LlamaModel(LlamaPreTrainedModel):
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
-        if self.training and use_cache and any(layer.gradient_checkpointing for layer in self.layers):
-            use_cache = False  # recomputation in backward would append to the cache a second time
+        cache = _one_cache(cache, past_key_values)
+        if self.training and torch.is_grad_enabled() and any(layer.gradient_checkpointing for layer in self.layers):
+            use_cache, cache = False, None  # recomputation in backward would append to the cache a second time
 
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)  # (B, T, D)
-        fresh_cache = use_cache and past_key_values is None
+        fresh_cache = use_cache and cache is None
         if fresh_cache:
-            past_key_values = DynamicCache(config=self.config)
+            cache = DynamicCache(config=self.config)
         if position_ids is None:
-            past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+            past_seen = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen
             position_ids = position_ids.unsqueeze(0)  # (1, T)
 
@@ -551,8 +576,8 @@ class LlamaModel(LlamaPreTrainedModel):
             attention_mask=attention_mask,
             # A cache created just now is empty: leave it out so that packed sequences (position_ids restarting
             # at 0, no attention mask) still get their block-diagonal mask when forward is called with a cache.
-            past_key_values=None if fresh_cache else past_key_values,
             position_ids=position_ids,
+            **{_MASK_CACHE_ARG: None if fresh_cache else cache},
         )
 
         hidden_states = inputs_embeds
@@ -566,7 +591,7 @@ class LlamaModel(LlamaPreTrainedModel):
                 hidden_states,
                 attention_mask=causal_mask,
                 position_ids=position_ids,
-                past_key_values=past_key_values,
+                cache=cache,
                 use_cache=use_cache,
                 position_embeddings=position_embeddings,
                 output_attentions=output_attentions,
@@ -583,9 +608,9 @@ class LlamaModel(LlamaPreTrainedModel):
 
         output = BaseModelOutputWithPast(
             last_hidden_state=hidden_states,
-            past_key_values=past_key_values,
             hidden_states=tuple(all_hidden) if all_hidden is not None else None,
             attentions=tuple(all_attn) if all_attn is not None else None,
+            **{_OUTPUT_CACHE_FIELD: cache},
         )
         return output if return_dict else output.to_tuple()
 
@@ -613,7 +638,7 @@ class LlamaForCausalLM(LlamaPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -622,6 +647,7 @@ class LlamaForCausalLM(LlamaPreTrainedModel, GenerationMixin):
         return_dict: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         return_logits: bool = True,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast | tuple:
         """Logits (B, T, V) and, with ``labels`` (B, T), the next-token cross-entropy.
@@ -642,7 +668,7 @@ class LlamaForCausalLM(LlamaPreTrainedModel, GenerationMixin):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=_one_cache(cache, past_key_values),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_attentions=output_attentions,
@@ -675,9 +701,9 @@ class LlamaForCausalLM(LlamaPreTrainedModel, GenerationMixin):
         output = CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
+            **{_OUTPUT_CACHE_FIELD: _output_cache(outputs)},
         )
         return output if return_dict else output.to_tuple()
 
@@ -697,11 +723,12 @@ class LlamaForSequenceClassification(LlamaPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         return_dict: bool | None = None,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> SequenceClassifierOutputWithPast | tuple:
         return_dict = return_dict if return_dict is not None else self.config.return_dict
@@ -709,7 +736,7 @@ class LlamaForSequenceClassification(LlamaPreTrainedModel):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=_one_cache(cache, past_key_values),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             return_dict=True,
@@ -732,6 +759,10 @@ class LlamaForSequenceClassification(LlamaPreTrainedModel):
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, pooled_logits=pooled, config=self.config)
         output = SequenceClassifierOutputWithPast(
-            loss=loss, logits=pooled, past_key_values=outputs.past_key_values, hidden_states=None, attentions=None
+            loss=loss,
+            logits=pooled,
+            hidden_states=None,
+            attentions=None,
+            **{_OUTPUT_CACHE_FIELD: _output_cache(outputs)},
         )
         return output if return_dict else output.to_tuple()

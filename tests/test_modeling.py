@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import inspect
 from pathlib import Path
 
 import pytest
@@ -131,6 +132,25 @@ def test_cache_matches_full_forward_and_no_cache_generation():
     prompt = ids[:1, :6]
     kw = dict(max_new_tokens=10, do_sample=False, pad_token_id=0)
     assert torch.equal(ours.generate(prompt, use_cache=True, **kw), ours.generate(prompt, use_cache=False, **kw))
+
+
+@pytest.mark.parametrize("name", ["cache", "past_key_values"])
+def test_cache_argument_under_either_name_matches_stock(name):
+    """transformers 5.24 renamed ``past_key_values`` to ``cache``; ours takes both, and stepping through a cache
+    gives the stock model's logits (stock called with the installed version's own name)."""
+    ours, stock = twin_models(seed=7)
+    stock_name = "cache" if "cache" in inspect.signature(stock.forward).parameters else "past_key_values"
+    ids = torch.randint(3, 512, (2, 9))
+    with torch.no_grad():
+        a = ours(ids[:, :5], **{name: DynamicCache(config=ours.config)}, use_cache=True)
+        b = stock(ids[:, :5], **{stock_name: DynamicCache(config=stock.config)}, use_cache=True)
+        a_cache, b_cache = getattr(a, stock_name), getattr(b, stock_name)  # the installed version's field
+        assert a_cache.get_seq_length() == 5
+        a_next = ours(ids[:, 5:], **{name: a_cache}, use_cache=True).logits
+        b_next = stock(ids[:, 5:], **{stock_name: b_cache}, use_cache=True).logits
+    assert_rel_close(a_next, b_next)
+    with pytest.raises(ValueError, match="same argument"):
+        ours(ids, cache=DynamicCache(config=ours.config), past_key_values=DynamicCache(config=ours.config))
 
 
 def test_static_cache_generation_matches_dynamic():
