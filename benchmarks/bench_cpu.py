@@ -7,7 +7,8 @@ ratios, not absolute numbers). Writes benchmarks/results/cpu.{json,md}.
 - train: forward + backward + AdamW step, tokens/s, ``100M`` preset (105M parameters), seq 512, fp32 and bf16
   autocast, same weights in both models.
 - decode: greedy generation tokens/s at batch 1 and 8 and prefill latency, ours vs stock with the dynamic cache;
-  our fastest path (static cache, ``torch.compile``d decode step, bf16 weights); and the memory-bandwidth bound
+  our fastest path (static cache, ``torch.compile``d decode step; bf16 weights where the CPU computes bf16
+  natively, else fp32); and the memory-bandwidth bound
   (weight bytes per token / measured copy bandwidth).
 - tokenizer: encode MB/s of ours (fast, slow) vs sentencepiece on the ~5 MB Shakespeare corpus, with mismatches.
 """
@@ -67,7 +68,9 @@ def _timeit(fn, repeats: int, warmup: int = 1, device: torch.device | None = Non
 
 
 # ------------------------------------------------------------------------------------------------ training step
-def bench_train(preset: str, seq: int, batch: int, repeats: int, compile: bool = True) -> list[dict]:
+def bench_train(
+    preset: str, seq: int, batch: int, repeats: int, compile: bool = True, dtypes: tuple[str, ...] = ("fp32", "bf16")
+) -> list[dict]:
     """Stock and ours in eager mode (both SDPA), and ours with regional compilation
     (``training.parallel.apply_compile``) and a compiled loss, as ``training.pretrain --compile true`` runs it on
     CPU: ``attn_implementation="blocked_causal"`` (pretrain's ``auto`` on CPU) and the loss fused with the LM
@@ -91,7 +94,7 @@ def bench_train(preset: str, seq: int, batch: int, repeats: int, compile: bool =
         models["ours_compiled"].set_attn_implementation(resolve_attn_implementation("auto", cuda=False))
         models["ours_compiled_sdpa"] = apply_compile(copy.deepcopy(ours))
     ids = torch.randint(0, ours.config.vocab_size, (batch, seq + 1))
-    for dtype in ("fp32", "bf16"):
+    for dtype in dtypes:
         steps = {}
         for name, model in models.items():
             model.train()
@@ -162,14 +165,14 @@ def _kernel_share(step) -> float:
 
 
 # ------------------------------------------------------------------------------------------------ decoding
-def gemv_rate(weight_bytes: int, repeats: int = 5) -> float:
-    """Bytes/s at which one bf16 ``F.linear`` (batch 1) streams a weight matrix of ``weight_bytes`` (out of cache):
-    the GEMV kernel eager decoding runs on this machine (the fast path's compiled GEMV replaces it)."""
+def gemv_rate(weight_bytes: int, dtype: torch.dtype = torch.bfloat16, repeats: int = 5) -> float:
+    """Bytes/s at which one ``F.linear`` (batch 1) in ``dtype`` streams a weight matrix of ``weight_bytes`` (out of
+    cache): the GEMV kernel eager decoding runs on this machine (the fast path's compiled GEMV replaces it)."""
     cols = 4096
-    w = torch.randn(max(1, weight_bytes // (2 * cols)), cols).bfloat16()
-    x = torch.randn(1, cols).bfloat16()
+    w = torch.randn(max(1, weight_bytes // (dtype.itemsize * cols)), cols).to(dtype)
+    x = torch.randn(1, cols).to(dtype)
     best = min(_timeit(lambda: torch.nn.functional.linear(x, w), repeats))
-    return w.numel() * 2 / best
+    return w.numel() * dtype.itemsize / best
 
 
 def copy_bandwidth(n_bytes: int = 1 << 29, repeats: int = 5) -> float:
@@ -216,7 +219,7 @@ def bench_decode(preset: str, prompt_len: int, new_tokens: int, repeats: int, co
             "stock_prefill_ms": 1e3 * statistics.median(prefill["stock"]),
             "ours_prefill_ms": 1e3 * statistics.median(prefill["ours"]),
         }
-        # the fastest path: bf16 weights + static cache + compiled step
+        # the fastest path: static cache + compiled step (bf16 weights where native, else fp32)
         import copy
 
         from modeling_llama import FastDecoder
@@ -239,27 +242,29 @@ def bench_decode(preset: str, prompt_len: int, new_tokens: int, repeats: int, co
         med_fast = statistics.median(fast_times)
         row["fast_tokens_per_s"] = batch * new_tokens / med_fast
         row["fast_vs_stock"] = med["stock"] / med_fast
-        # bandwidth bound: every decoded step reads all weights once (bf16: 2 bytes) + a small KV cache
-        weight_bytes = (n_params - emb) * 2 + emb * 0  # the embedding table is gathered, not streamed
+        # bandwidth bound: every decoded step reads all weights once (in the fast path's dtype: bf16 where the CPU
+        # computes it natively, else fp32) + a small KV cache
+        row["fast_dtype"] = str(dec.dtype).removeprefix("torch.")
+        weight_bytes = (n_params - emb) * dec.dtype.itemsize  # the embedding table is gathered, not streamed
         bw = statistics.median(bws)
         row["copy_bandwidth_GBps"] = bw / 1e9
         row["copy_bandwidth_GBps_runs"] = [b / 1e9 for b in bws]
-        # what the step streams, against a bare bf16 F.linear at batch 1 over the same bytes (the kernel eager
-        # decoding runs; the fast path's compiled GEMV replaces it at batch 1)
+        # what the step streams, against a bare F.linear at batch 1 over the same bytes in the same dtype (the
+        # kernel eager decoding runs; the fast path's compiled GEMV replaces it at batch 1)
         row["fast_weight_GBps"] = row["fast_tokens_per_s"] / batch * weight_bytes / 1e9
-        row["bf16_linear_gemv_GBps"] = gemv_rate(weight_bytes) / 1e9
-        row["bound_tokens_per_s_bf16"] = batch * bw / weight_bytes
+        row["linear_gemv_GBps"] = gemv_rate(weight_bytes, dec.dtype) / 1e9
+        row["bound_tokens_per_s"] = batch * bw / weight_bytes
         fractions = [weight_bytes / t * new_tokens / b for t, b in zip(fast_times, bws)]  # (tok/s) / (b / bytes)
         row["fast_fraction_of_bound"] = statistics.median(fractions)
         row["fast_fraction_of_bound_runs"] = fractions
         with torch.no_grad():
             out = dec.generate(prompt, new_tokens)
             agree = (out == ref[:, prompt_len:]).float().mean().item()
-            # each token the fast path chose is the argmax of the eager bf16 model's logits (teacher-forced on the
-            # fast path's own tokens), up to bf16 rounding between kernels
+            # each token the fast path chose is the argmax of the eager model's logits in its dtype (teacher-forced
+            # on the fast path's own tokens), up to rounding between kernels
             logits = fast_model(torch.cat([prompt, out], 1)).logits[:, prompt_len - 1 : -1].float()
         gap = logits.max(-1).values - logits.gather(-1, out[..., None])[..., 0]
-        row["fast_max_logit_gap_vs_eager_bf16"] = gap.max().item()
+        row["fast_max_logit_gap_vs_eager"] = gap.max().item()
         row["fast_agreement_with_fp32_greedy"] = agree
         rows.append(row)
         del fast_model, dec
@@ -326,7 +331,9 @@ def _tokenizer_rows(repeats: int, threads: int) -> list[dict]:
 def to_markdown(meta: dict, results: dict) -> str:
     lines = [
         f"CPU benchmarks ({meta['date']}, {meta['machine']}, {meta['cpus']} CPUs, torch {meta['torch']}, "
-        f"transformers {meta['transformers']})",
+        f"transformers {meta['transformers']}; {meta.get('cpu_model', '?')} family/model "
+        f"{meta.get('cpu_family_model', '?')}, {', '.join(meta.get('cpu_isa', []))}; torch kernels "
+        f"{meta.get('cpu_capability', '?')})",
         "",
     ]
     if results.get("train"):
@@ -349,16 +356,18 @@ def to_markdown(meta: dict, results: dict) -> str:
     if results.get("decode"):
         lines += [
             "| greedy decode (100M) | stock tok/s | ours tok/s | ours / stock | fastest tok/s | fastest / stock "
-            "| bandwidth bound tok/s (bf16 weights) | fastest / bound | fastest: weights GB/s "
-            "| bf16 F.linear GEMV GB/s | prefill ms stock / ours |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "| fastest: dtype | bandwidth bound tok/s (its weights) | fastest / bound | fastest: weights GB/s "
+            "| F.linear GEMV GB/s (same dtype) | prefill ms stock / ours |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in results["decode"]:
             lines.append(
                 f"| batch {r['batch']}, {r['prompt']}+{r['new_tokens']} | {r['stock_tokens_per_s']:.1f} | "
                 f"{r['ours_tokens_per_s']:.1f} | {r['ratio']:.2f}x | {r['fast_tokens_per_s']:.1f} | "
-                f"{r['fast_vs_stock']:.2f}x | {r['bound_tokens_per_s_bf16']:.1f} | {r['fast_fraction_of_bound']:.0%} | "
-                f"{r['fast_weight_GBps']:.1f} | {r['bf16_linear_gemv_GBps']:.1f} | "
+                f"{r['fast_vs_stock']:.2f}x | {r.get('fast_dtype', 'bfloat16')} | "
+                f"{r.get('bound_tokens_per_s', r.get('bound_tokens_per_s_bf16', float('nan'))):.1f} | "
+                f"{r['fast_fraction_of_bound']:.0%} | {r['fast_weight_GBps']:.1f} | "
+                f"{r.get('linear_gemv_GBps', r.get('bf16_linear_gemv_GBps', float('nan'))):.1f} | "
                 f"{r['stock_prefill_ms']:.0f} / {r['ours_prefill_ms']:.0f} |"
             )
         lines.append("")
@@ -371,6 +380,22 @@ def to_markdown(meta: dict, results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _cpu_info() -> dict:
+    """The processor (results depend on it: these machines differ between sessions) and the kernels torch picks."""
+    info = {"cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return info
+    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    info["cpu_model"] = fields.get("model name", "?")
+    info["cpu_family_model"] = f"{fields.get('cpu family', '?')}/{fields.get('model', '?')}"
+    flags = set(fields.get("flags", "").split())
+    info["cpu_isa"] = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    return info
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", choices=["train", "decode", "tokenizer"], action="append")
@@ -379,6 +404,9 @@ def main() -> int:
     p.add_argument("--train_batch", type=int, default=4)
     p.add_argument("--new_tokens", type=int, default=64)
     p.add_argument("--no_compile", action="store_true", help="skip torch.compile (decode fast path, compiled step)")
+    p.add_argument(
+        "--dtypes", default="fp32,bf16", help="training-step dtypes, comma-separated (bf16 is slow without AVX512-BF16)"
+    )
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     p.add_argument("--tokenizer_child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -395,6 +423,7 @@ def main() -> int:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "threads": torch.get_num_threads(),
+        **_cpu_info(),
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -405,7 +434,10 @@ def main() -> int:
     if "decode" in todo:
         results["decode"] = bench_decode(args.preset, 32, args.new_tokens, args.repeats, not args.no_compile)
     if "train" in todo:
-        results["train"] = bench_train(args.preset, 512, args.train_batch, args.repeats, not args.no_compile)
+        dtypes = tuple(d.strip() for d in args.dtypes.split(",") if d.strip())
+        if not dtypes or set(dtypes) - {"fp32", "bf16"}:
+            p.error(f"--dtypes takes fp32 and/or bf16, got {args.dtypes!r}")
+        results["train"] = bench_train(args.preset, 512, args.train_batch, args.repeats, not args.no_compile, dtypes)
     path.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
     md = to_markdown(meta, results)
     (out / "cpu.md").write_text(md)

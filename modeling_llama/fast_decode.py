@@ -13,8 +13,12 @@ memory-bound. :class:`FastDecoder` is the path for latency:
   accumulation, bf16 weights read once) that inductor turns into one vectorised, threaded loop: it streams the
   weights ~1.6x faster than the bf16 GEMV kernel ``F.linear`` dispatches to (``benchmarks/bench_cpu.py``);
   attention runs as the plain math (``eager``) attention, which inductor fuses for a one-row query instead of
-  calling the flash kernel, whose per-call set-up dominates at that size. At batch > 1 (compute-bound) the
-  linears stay matmuls and inductor's freezing pre-packs the weights for oneDNN.
+  calling the flash kernel, whose per-call set-up dominates at that size. At batch > 1 in bf16 the linears stay
+  matmuls and inductor's freezing pre-packs the weights for oneDNN; in fp32 each linear is traced as
+  ``W @ xᵀ`` (a tall-skinny product), which MKL runs ~1.3-2.4x faster than ``x @ Wᵀ`` for a few rows.
+- the dtype: bf16 where the device computes it natively (CUDA; CPUs with AVX512-BF16 or AMX), fp32 on other CPUs,
+  where bf16 matmuls are emulated: on an AVX2-only CPU the bf16 step at batch 8 was slower than stock fp32
+  ``generate()`` (``benchmarks/RESULTS.md``).
 
 The model is taken over: it is cast to ``dtype`` and put in eval mode, and on CPU its attention is set to
 ``eager`` (the same math as SDPA). Its eager forward is otherwise unchanged (the GEMV form is only used while
@@ -40,6 +44,27 @@ def _skip_guards(skip: bool):
     return set_stance("default", skip_guard_eval_unsafe=skip)
 
 
+def native_bf16(device: torch.device | str) -> bool:
+    """Whether ``device`` computes bf16 matmuls natively: CUDA, or a CPU with AVX512-BF16 or AMX (on other CPUs
+    oneDNN emulates them, slower than fp32)."""
+    device = torch.device(device)
+    if device.type != "cpu":
+        return True
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def _small_batch_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``F.linear`` that, while being compiled, is written as ``W @ xᵀ``: for a few rows MKL streams the weight
+    faster in this orientation (measured 6.3-7.6 GB/s against 2.8-5.7 GB/s for ``x @ Wᵀ`` at 8 rows, fp32)."""
+    if torch.compiler.is_compiling():
+        y = torch.mm(self.weight, x.reshape(-1, x.shape[-1]).t()).t()  # (N, K) @ (K, M) -> (M, N)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], -1)
+    return F.linear(x, self.weight, self.bias)
+
+
 def _gemv_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """``F.linear`` that, while being compiled for a single row, is written as multiply + sum over ``K``."""
     if torch.compiler.is_compiling() and x.shape[:-1].numel() == 1:
@@ -58,7 +83,8 @@ class FastDecoder:
             5.24) and ``cache_position`` (ours or stock transformers' ``LlamaForCausalLM``).
         batch_size: the batch size every :meth:`generate` call will use (the cache and the graph are built for it).
         max_length: prompt + new tokens the cache holds.
-        dtype: weights and cache dtype (bf16 by default).
+        dtype: weights and cache dtype; default bf16 where the device computes it natively (:func:`native_bf16`),
+            else fp32.
         compile: ``False`` runs the same static-cache loop eagerly (for comparison and debugging).
 
     Example::
@@ -72,7 +98,7 @@ class FastDecoder:
         model: nn.Module,
         batch_size: int,
         max_length: int,
-        dtype: torch.dtype = torch.bfloat16,
+        dtype: torch.dtype | None = None,
         compile: bool = True,
     ) -> None:
         from transformers import StaticCache
@@ -81,8 +107,11 @@ class FastDecoder:
             raise ValueError(f"FastDecoder needs batch_size >= 1 and max_length >= 2, got {batch_size}, {max_length}.")
         if not hasattr(model, "config") or not hasattr(model, "get_output_embeddings"):
             raise TypeError(f"FastDecoder needs a causal LM (e.g. LlamaForCausalLM), got {type(model).__name__}.")
-        self.model = model.to(dtype).eval()
         self.device = next(model.parameters()).device
+        if dtype is None:
+            dtype = torch.bfloat16 if native_bf16(self.device) else torch.float32
+        self.dtype = dtype
+        self.model = model.to(dtype).eval()
         self.batch_size = batch_size
         self.max_length = max_length
         self.cuda = self.device.type == "cuda"
@@ -98,6 +127,10 @@ class FastDecoder:
                 for module in model.modules():
                     if isinstance(module, nn.Linear):
                         module.forward = _gemv_linear_forward.__get__(module)
+            elif dtype == torch.float32:
+                for module in model.modules():
+                    if isinstance(module, nn.Linear):
+                        module.forward = _small_batch_linear_forward.__get__(module)
             else:
                 options = {"freezing": True}  # weights become constants, pre-packed for oneDNN's GEMM
         self._step = self._forward

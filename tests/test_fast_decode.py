@@ -25,7 +25,7 @@ def chosen_gap(stock, prompt: torch.Tensor, new_tokens: torch.Tensor) -> float:
     return (logits.max(-1).values - chosen).max().item()
 
 
-@pytest.mark.parametrize("batch", [1, 3])  # batch 1: the GEMV-as-reduction path; 3: frozen matmuls
+@pytest.mark.parametrize("batch", [1, 3])  # batch 1: the GEMV-as-reduction path; 3: W @ x^T matmuls (fp32)
 def test_compiled_fast_decode_matches_stock_generate(batch):
     ours, stock = twin_models(seed=batch)
     torch._dynamo.reset()
@@ -47,11 +47,35 @@ def test_eager_fast_decode_and_bf16():
     prompt = torch.randint(3, 512, (2, PROMPT), generator=torch.Generator().manual_seed(5))
     dec = FastDecoder(ours, batch_size=2, max_length=PROMPT + NEW, dtype=torch.float32, compile=False)
     assert torch.equal(dec.generate(prompt, NEW), stock_greedy(stock, prompt, NEW))
-    # bf16 (the default): each chosen token is the argmax of the bf16 model's own logits, up to rounding
-    dec = FastDecoder(ours, batch_size=2, max_length=PROMPT + NEW, compile=False)
+    # bf16: each chosen token is the argmax of the bf16 model's own logits, up to rounding
+    dec = FastDecoder(ours, batch_size=2, max_length=PROMPT + NEW, dtype=torch.bfloat16, compile=False)
     assert next(ours.parameters()).dtype == torch.bfloat16
     out = dec.generate(prompt, NEW)
     assert chosen_gap(stock.to(torch.bfloat16), prompt, out) <= 0.02
+
+
+def test_compiled_bf16_batch_uses_frozen_matmuls_and_picks_the_bf16_argmax():
+    ours, stock = twin_models(seed=8)
+    torch._dynamo.reset()
+    dec = FastDecoder(ours, batch_size=3, max_length=PROMPT + NEW, dtype=torch.bfloat16)
+    prompt = torch.randint(3, 512, (3, PROMPT), generator=torch.Generator().manual_seed(8))
+    out = dec.generate(prompt, NEW)
+    assert chosen_gap(stock.to(torch.bfloat16), prompt, out) <= 0.02
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_default_dtype_is_bf16_only_where_computed_natively(monkeypatch, native):
+    """On a CPU without AVX512-BF16/AMX bf16 matmuls are emulated (slower than stock fp32 at batch 8): fp32 there."""
+    import modeling_llama.fast_decode as fd
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert fd.native_bf16("cpu") is native
+    assert fd.native_bf16("cuda")
+    ours, _ = twin_models()
+    dec = FastDecoder(ours, batch_size=1, max_length=16, compile=False)
+    expected = torch.bfloat16 if native else torch.float32
+    assert dec.dtype == expected and next(ours.parameters()).dtype == expected
 
 
 def test_fast_decode_refuses_bad_input():
