@@ -123,16 +123,17 @@ class FastDecoder:
         options = None
         if not self.cuda:
             model.config._attn_implementation = "eager"  # fused by inductor for a one-row query
+            linear_forward = None
             if batch_size == 1:
-                for module in model.modules():
-                    if isinstance(module, nn.Linear):
-                        module.forward = _gemv_linear_forward.__get__(module)
+                linear_forward = _gemv_linear_forward
             elif dtype == torch.float32:
-                for module in model.modules():
-                    if isinstance(module, nn.Linear):
-                        module.forward = _small_batch_linear_forward.__get__(module)
+                linear_forward = _small_batch_linear_forward
             else:
                 options = {"freezing": True}  # weights become constants, pre-packed for oneDNN's GEMM
+            if linear_forward is not None:
+                for module in model.modules():
+                    if isinstance(module, nn.Linear):
+                        module.forward = linear_forward.__get__(module)
         self._step = self._forward
         if compile:  # CUDA: replayed as one CUDA graph per token
             mode = "reduce-overhead" if self.cuda else None

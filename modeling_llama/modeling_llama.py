@@ -668,7 +668,8 @@ class LlamaForCausalLM(LlamaPreTrainedModel, GenerationMixin):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            cache=_one_cache(cache, past_key_values),
+            cache=cache,
+            past_key_values=past_key_values,  # LlamaModel takes either name (and refuses both)
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_attentions=output_attentions,
@@ -736,7 +737,8 @@ class LlamaForSequenceClassification(LlamaPreTrainedModel):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            cache=_one_cache(cache, past_key_values),
+            cache=cache,
+            past_key_values=past_key_values,  # LlamaModel takes either name (and refuses both)
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             return_dict=True,
