@@ -29,6 +29,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+if os.environ.get("BENCH_CHILD_MKL_AMD") == "1":  # a child of bench_train_processes, started as training/ starts:
+    import training  # noqa: E402, F401  (turns on MKL's Intel kernels on AMD CPUs, before torch loads)
+
 import torch  # noqa: E402
 
 
@@ -67,6 +70,49 @@ def _timeit(fn, repeats: int, warmup: int = 1, device: torch.device | None = Non
     return times
 
 
+def _train_ids(vocab_size: int, batch: int, seq: int) -> torch.Tensor:
+    return torch.randint(0, vocab_size, (batch, seq + 1), generator=torch.Generator().manual_seed(1))
+
+
+def _compiled_as_pretrain(ours):
+    """A copy of ``ours`` as ``training.pretrain --compile true`` runs it on CPU: regional compilation and
+    ``attn_implementation="blocked_causal"`` (pretrain's ``auto`` on CPU)."""
+    import copy
+
+    from training.parallel import apply_compile
+    from training.pretrain import resolve_attn_implementation
+
+    model = apply_compile(copy.deepcopy(ours))
+    model.set_attn_implementation(resolve_attn_implementation("auto", cuda=False))
+    return model
+
+
+def _train_step(model, ids: torch.Tensor, dtype: str, fused: bool, compiled_loss: bool):
+    """One training step as a closure returning the loss: forward (under bf16 autocast for ``dtype == "bf16"``),
+    next-token CE in fp32 (``fused``: the LM head and loss in one pass, pretrain's CPU default; else logits and a
+    separate loss, ``torch.compile``d if ``compiled_loss``), backward, fused AdamW step."""
+    from training.pretrain import _loss, cross_entropy
+
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+    ce = None if fused else torch.compile(cross_entropy) if compiled_loss else cross_entropy
+
+    def step() -> float:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+            if ce is None:
+                loss = _loss(model, ids, None)  # loss_fn None: fused with the LM head
+            else:
+                logits = model(input_ids=ids[:, :-1]).logits
+        if ce is not None:
+            loss = ce(logits, ids[:, 1:])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return step
+
+
 # ------------------------------------------------------------------------------------------------ training step
 def bench_train(
     preset: str, seq: int, batch: int, repeats: int, compile: bool = True, dtypes: tuple[str, ...] = ("fp32", "bf16")
@@ -84,37 +130,20 @@ def bench_train(
     import copy
 
     from training.parallel import apply_compile
-    from training.pretrain import _loss, cross_entropy, resolve_attn_implementation
 
     rows = []
     ours, stock = _twins(preset)
     models = {"stock": stock, "ours": ours}
     if compile:
-        models["ours_compiled"] = apply_compile(copy.deepcopy(ours))
-        models["ours_compiled"].set_attn_implementation(resolve_attn_implementation("auto", cuda=False))
+        models["ours_compiled"] = _compiled_as_pretrain(ours)
         models["ours_compiled_sdpa"] = apply_compile(copy.deepcopy(ours))
-    ids = torch.randint(0, ours.config.vocab_size, (batch, seq + 1))
+    ids = _train_ids(ours.config.vocab_size, batch, seq)
     for dtype in dtypes:
-        steps = {}
-        for name, model in models.items():
-            model.train()
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
-            # what pretrain runs: the fused loss for "ours_compiled" (loss_fn None), else logits + a separate loss
-            ce = {"ours_compiled": None, "ours_compiled_sdpa": torch.compile(cross_entropy)}.get(name, cross_entropy)
-
-            def step(model=model, opt=opt, dtype=dtype, ce=ce):
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
-                    if ce is None:
-                        loss = _loss(model, ids, None)  # loss_fn None: fused with the LM head
-                    else:
-                        logits = model(input_ids=ids[:, :-1]).logits
-                if ce is not None:
-                    loss = ce(logits, ids[:, 1:])
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-
-            steps[name] = step
+        # the fused loss for "ours_compiled" (what pretrain runs), else logits + a separate loss (compiled for ours)
+        steps = {
+            name: _train_step(model, ids, dtype, fused=name == "ours_compiled", compiled_loss=name.startswith("ours_"))
+            for name, model in models.items()
+        }
         times = {name: [] for name in models}
         for name in models:
             steps[name]()  # warm-up (and compilation)
@@ -146,6 +175,87 @@ def bench_train(
         rows.append(row)
         gc.collect()
     return rows
+
+
+def bench_train_processes(preset: str, seq: int, batch: int, repeats: int) -> dict:
+    """The fp32 training step as each kind of process runs it, on an AMD CPU: stock transformers in a plain process
+    (MKL's non-Intel kernels) against ours as ``training.pretrain`` runs it (``import training`` first turns on
+    MKL's Intel kernels, see ``training.mkl_amd``; compiled, blocked causal attention, fused loss). Both models
+    run in both kinds of process, so the table also shows what the MKL switch gives each, and the ratio at equal
+    kernels. Two child processes hold the models; their steps alternate (default/stock, switched/stock,
+    default/ours, switched/ours), so drifting machine load hits all four alike."""
+    import subprocess
+
+    from training import mkl_amd
+
+    if mkl_amd.cpu_vendor() != "AuthenticAMD":
+        return {"skipped": f"not an AMD CPU ({mkl_amd.cpu_vendor() or 'unknown vendor'}): MKL's switch does nothing"}
+    children = {}
+    for kind, switch in (("default", "0"), ("mkl_amd", "1")):
+        env = {**os.environ, mkl_amd.ENV_VAR: switch, "BENCH_CHILD_MKL_AMD": switch}
+        cmd = [sys.executable, __file__, "--train_child", "--preset", preset, "--train_batch", str(batch)]
+        cmd += ["--seq", str(seq)]
+        children[kind] = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+
+    def ask(kind: str, message: str) -> dict:
+        child = children[kind]
+        if message:
+            child.stdin.write(message + "\n")
+            child.stdin.flush()
+        for line in child.stdout:
+            if line.startswith("@@ "):
+                return json.loads(line[3:])
+        raise RuntimeError(f"training-step child ({kind}) exited with {child.wait()}")
+
+    try:
+        ready = {kind: ask(kind, "") for kind in children}
+        series = {(k, m): [] for k in children for m in ("stock", "ours_compiled")}
+        losses = {}
+        for _ in range(repeats):
+            for model in ("stock", "ours_compiled"):
+                for kind in children:
+                    reply = ask(kind, model)
+                    series[kind, model].append(reply["seconds"])
+                    losses.setdefault((kind, model), reply["loss"])
+    finally:
+        for child in children.values():
+            child.stdin.close()
+            child.wait()
+    tok = batch * seq
+    tps = {f"{model}_{kind}_tokens_per_s": tok / statistics.median(v) for (kind, model), v in series.items()}
+    return {
+        "bench": "train step, per process",
+        "dtype": "fp32",
+        "tokens_per_step": tok,
+        **tps,
+        "ours_switched_vs_stock_default": tps["ours_compiled_mkl_amd_tokens_per_s"] / tps["stock_default_tokens_per_s"],
+        "ratio_default": tps["ours_compiled_default_tokens_per_s"] / tps["stock_default_tokens_per_s"],
+        "ratio_mkl_amd": tps["ours_compiled_mkl_amd_tokens_per_s"] / tps["stock_mkl_amd_tokens_per_s"],
+        "mkl_amd_active": {kind: r["mkl_amd_active"] for kind, r in ready.items()},
+        "first_loss": {f"{model}_{kind}": v for (kind, model), v in losses.items()},
+        "times": {f"{model}_{kind}": v for (kind, model), v in series.items()},
+    }
+
+
+def _train_child(preset: str, seq: int, batch: int) -> None:
+    """Child of :func:`bench_train_processes`: builds stock and ours (compiled, as pretrain runs it), warms both
+    up, then runs one fp32 step per model name read from stdin, answering ``@@ {json}`` lines."""
+    from training import mkl_amd
+
+    ours, stock = _twins(preset)
+    ids = _train_ids(ours.config.vocab_size, batch, seq)
+    steps = {
+        "stock": _train_step(stock, ids, "fp32", fused=False, compiled_loss=False),
+        "ours_compiled": _train_step(_compiled_as_pretrain(ours), ids, "fp32", fused=True, compiled_loss=True),
+    }
+    del ours
+    for step in steps.values():
+        step(), step()  # warm-up (and compilation)
+    print("@@ " + json.dumps({"mkl_amd_active": mkl_amd.active(), "mkl_amd_state": mkl_amd.state()}), flush=True)
+    for line in sys.stdin:
+        t0 = time.perf_counter()
+        loss = steps[line.strip()]()
+        print("@@ " + json.dumps({"seconds": time.perf_counter() - t0, "loss": loss}), flush=True)
 
 
 _DENSE_KERNELS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_scaled_dot_product_flash_attention_for_cpu")
@@ -353,6 +463,27 @@ def to_markdown(meta: dict, results: dict) -> str:
                 f"{r['max_ratio_same_kernels']:.2f}x |"
             )
         lines.append("")
+    r = results.get("train_processes")
+    if r and "skipped" not in r:
+        lines += [
+            "Training step per process (fp32, batch {b}): MKL's Intel kernels on this AMD CPU, as `import training` "
+            "turns them on; stock transformers runs in a plain process.".format(b=r["tokens_per_step"] // 512),
+            "",
+            "| process | stock tok/s | ours compiled tok/s | ours / stock |",
+            "|---|---|---|---|",
+        ]
+        for kind, label in (("default", "plain (MKL's non-Intel kernels)"), ("mkl_amd", "with the switch")):
+            lines.append(
+                f"| {label} | {r[f'stock_{kind}_tokens_per_s']:,.0f} | {r[f'ours_compiled_{kind}_tokens_per_s']:,.0f} "
+                f"| {r['ratio_' + kind]:.2f}x |"
+            )
+        lines += [
+            f"| **ours as pretrain runs it / stock in a plain process** | | | "
+            f"**{r['ours_switched_vs_stock_default']:.2f}x** |",
+            "",
+        ]
+    elif r:
+        lines += [f"Training step per process: skipped, {r['skipped']}.", ""]
     if results.get("decode"):
         lines += [
             "| greedy decode (100M) | stock tok/s | ours tok/s | ours / stock | fastest tok/s | fastest / stock "
@@ -409,7 +540,12 @@ def main() -> int:
     )
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     p.add_argument("--tokenizer_child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--train_child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--seq", type=int, default=512, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.train_child:
+        _train_child(args.preset, args.seq, args.train_batch)
+        return 0
     if args.tokenizer_child:  # one-thread tokenizer rows, printed as JSON for the parent (RAYON_NUM_THREADS=1)
         print(json.dumps(_tokenizer_rows(args.repeats, 1)))
         return 0
@@ -438,6 +574,8 @@ def main() -> int:
         if not dtypes or set(dtypes) - {"fp32", "bf16"}:
             p.error(f"--dtypes takes fp32 and/or bf16, got {args.dtypes!r}")
         results["train"] = bench_train(args.preset, 512, args.train_batch, args.repeats, not args.no_compile, dtypes)
+        if "fp32" in dtypes and not args.no_compile:
+            results["train_processes"] = bench_train_processes(args.preset, 512, args.train_batch, args.repeats)
     path.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
     md = to_markdown(meta, results)
     (out / "cpu.md").write_text(md)
