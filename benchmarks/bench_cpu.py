@@ -5,7 +5,9 @@ ratios, not absolute numbers). Writes benchmarks/results/cpu.{json,md}.
     python benchmarks/bench_cpu.py --only decode   # train | decode | tokenizer
 
 - train: forward + backward + AdamW step, tokens/s, ``100M`` preset (105M parameters), seq 512, fp32 and bf16
-  autocast, same weights in both models.
+  autocast, same weights in both models. On AMD CPUs also the fp32 step per kind of process: a plain one (MKL's
+  default kernels) and one that imports ``training`` first (MKL's Intel kernels, ``training.mkl_amd``), each
+  running both models, steps alternating between the two child processes.
 - decode: greedy generation tokens/s at batch 1 and 8 and prefill latency, ours vs stock with the dynamic cache;
   our fastest path (static cache, ``torch.compile``d decode step; bf16 weights where the CPU computes bf16
   natively, else fp32); and the memory-bandwidth bound
