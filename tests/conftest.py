@@ -8,6 +8,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# Before torch, as every training entry point starts: on AMD CPUs this switches MKL to its Intel kernels
+# (training.mkl_amd), so that results computed here and in the training subprocesses the tests launch come from the
+# same kernels (exact-resume and multi-process tests compare them bit for bit).
+import training  # noqa: E402, F401
+
+# isort: split
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
