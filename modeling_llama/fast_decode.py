@@ -135,22 +135,20 @@ class FastDecoder:
         params = inspect.signature(model.forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"  # transformers >= 5.24 : older
         options = None
+        linear_forward = None
         if not self.cuda:
             model.config._attn_implementation = "eager"  # fused by inductor for a one-row query
-            linear_forward = None
             if batch_size == 1:
                 linear_forward = _gemv_linear_forward
             elif dtype == torch.float32:
                 linear_forward = _small_batch_linear_forward
             else:
                 options = {"freezing": True}  # weights become constants, pre-packed for oneDNN's GEMM
-            if linear_forward is not None:
-                for module in model.modules():
-                    if isinstance(module, nn.Linear):
-                        module.forward = linear_forward.__get__(module)
-        for module in model.modules():  # cos/sin of every position, once (float32, as the module computes them)
-            if type(module) is LlamaRotaryEmbedding:
-                probe = torch.empty(0, device=self.device)  # float32: the table is cast on lookup, as forward does
+        for module in model.modules():
+            if linear_forward is not None and isinstance(module, nn.Linear):
+                module.forward = linear_forward.__get__(module)
+            elif compile and type(module) is LlamaRotaryEmbedding:  # cos/sin of every position, once (float32,
+                probe = torch.empty(0, device=self.device)  # as the module computes them; cast on lookup)
                 module._fast_cos, module._fast_sin = (
                     t[0] for t in module(probe, torch.arange(max_length, device=self.device)[None])
                 )

@@ -14,6 +14,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import training  # noqa: E402, F401
 
 # isort: split
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -32,6 +35,15 @@ Le café coûte 3,50 € à Paris ; naïve façon.
 Emoji 😀👍🏽 and symbols ∑ ∫ √ ≠ ≤ ≥.
     indented  line\twith\ttabs   and   runs     of spaces
 """
+
+
+def run_python_json(code: str, *args: str, cwd: Path, env: dict[str, str]) -> dict:
+    """Run ``python -c code *args`` in a fresh interpreter (cwd, env as given); its last stdout line is JSON."""
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def project_corpus(tmp_dir: Path) -> Path:

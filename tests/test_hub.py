@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 import transformers
-from conftest import FakeHub, tiny_config, twin_models
+from conftest import FakeHub, run_python_json, tiny_config, twin_models
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, TextStreamer, pipeline
 
 import modeling_llama
@@ -115,16 +113,7 @@ def test_trust_remote_code_in_a_process_where_the_project_is_not_installed(folde
     path, model = folder
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="1")
-    proc = subprocess.run(
-        [sys.executable, "-c", REMOTE_SCRIPT, str(path)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = run_python_json(REMOTE_SCRIPT, str(path), cwd=tmp_path, env=env)
     assert result["model"].startswith("transformers_modules.") and result["model"].endswith(".LlamaForCausalLM")
     assert result["tokenizer"].endswith(".LlamaTokenizerFast")
     assert result["ids"] == [1, 29871, 15043, 3186]

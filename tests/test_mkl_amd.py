@@ -4,16 +4,14 @@ process's training step; its speed is shown in benchmarks/ (bench_cpu's per-proc
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import textwrap
 
 import pytest
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, run_python_json
 
 pytestmark = pytest.mark.skipif(
     not (sys.platform.startswith("linux") and platform.machine() == "x86_64"), reason="x86-64 Linux only"
@@ -28,16 +26,7 @@ def _run(parts: tuple[str, ...], tmp_path, **env: str) -> dict:
     code = "\n".join(textwrap.dedent(p) for p in parts)
     full_env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "XDG_CACHE_HOME": str(tmp_path / "cache"), **env}
     full_env.pop("LD_PRELOAD", None)
-    proc = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=REPO_ROOT,
-        env=full_env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_python_json(code, cwd=REPO_ROOT, env=full_env)
 
 
 # one tiny training step (forward, fused loss, backward) in whatever MKL mode the process is in, plus a float32

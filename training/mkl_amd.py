@@ -76,7 +76,7 @@ def shim_path() -> Path | None:
     for d in dirs:
         if (d / name).is_file():
             return d / name
-    cc = next((shutil.which(c) for c in (os.environ.get("CC"), "cc", "gcc", "clang") if c and shutil.which(c)), None)
+    cc = next(filter(None, (shutil.which(c) for c in (os.environ.get("CC"), "cc", "gcc", "clang") if c)), None)
     if cc is None:
         return None
     for d in dirs:

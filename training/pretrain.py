@@ -492,14 +492,14 @@ def setup(cfg: PretrainConfig) -> Trainer:
             f"{cfg.activation_checkpointing}, attention {model_config._attn_implementation}, "
             f"{'fused' if fused_loss else 'separate'} LM head + loss"
             + (f", compiled {n_compiled} decoder layers" if cfg.compile else "")
-            + (f", MKL on AMD: {mkl_amd.state()}" if accelerator.device.type == "cpu" and _amd_cpu() else "")
+            + (
+                f", MKL on AMD: {mkl_amd.state()}"
+                if accelerator.device.type == "cpu" and mkl_amd.cpu_vendor() == "AuthenticAMD"
+                else ""
+            )
             + (f"; resumed from {resume} at step {trainer.state.step}" if resume else ""),
         )
     return trainer
-
-
-def _amd_cpu() -> bool:
-    return mkl_amd.cpu_vendor() == "AuthenticAMD"
 
 
 def _log(accelerator, message: str) -> None:
