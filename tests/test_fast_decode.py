@@ -25,8 +25,15 @@ def chosen_gap(stock, prompt: torch.Tensor, new_tokens: torch.Tensor) -> float:
     return (logits.max(-1).values - chosen).max().item()
 
 
-@pytest.mark.parametrize("batch", [1, 3])  # batch 1: the GEMV-as-reduction path; 3: W @ x^T matmuls (fp32)
-def test_compiled_fast_decode_matches_stock_generate(batch):
+# batch 1: the GEMV-as-reduction path; 3: cpu_linear's streaming kernel, or W @ x^T matmuls without it (fp32)
+@pytest.mark.parametrize(("batch", "kernel"), [(1, False), (3, True), (3, False)])
+def test_compiled_fast_decode_matches_stock_generate(batch, kernel, monkeypatch):
+    import modeling_llama.fast_decode as fd
+
+    if kernel and not fd.cpu_linear.available():
+        pytest.skip("no C compiler built cpu_linear's kernel")
+    if not kernel:
+        monkeypatch.setattr(fd.cpu_linear, "available", lambda: False)
     ours, stock = twin_models(seed=batch)
     torch._dynamo.reset()
     dec = FastDecoder(ours, batch_size=batch, max_length=PROMPT + NEW + 3, dtype=torch.float32)
@@ -36,6 +43,10 @@ def test_compiled_fast_decode_matches_stock_generate(batch):
         assert out.shape == (batch, NEW)
         assert chosen_gap(stock, prompt, out) < 1e-4
         assert torch.equal(out, stock_greedy(stock, prompt, NEW))
+    with torch.profiler.profile() as prof:  # which linear the compiled step runs
+        dec.generate(prompt, 3)
+    names = {e.key for e in prof.key_averages()}
+    assert ("llama_hf::small_batch_linear" in names) == kernel
     # the model's own eager forward is unchanged (the GEMV form is only traced while compiling)
     ids = torch.randint(0, 512, (2, 9))
     with torch.no_grad():

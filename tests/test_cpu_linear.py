@@ -1,0 +1,99 @@
+"""modeling_llama.cpu_linear: the streaming fp32 kernel for 1-8 rows, against float64 products and F.linear. Its
+speed is shown in benchmarks/ (bench_cpu's decode table, batch 8)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import REPO_ROOT, run_python_json
+
+from modeling_llama import cpu_linear
+
+has_cc = any(shutil.which(c) for c in (os.environ.get("CC"), "cc", "gcc", "clang") if c)
+needs_kernel = pytest.mark.skipif(not cpu_linear.available(), reason="no C compiler built the kernel")
+
+
+@pytest.mark.skipif(not has_cc, reason="no C compiler")
+def test_kernel_builds_where_a_compiler_is():
+    # a compiler is here (torch.compile on CPU needs one too): a failed build must not pass unnoticed as fallback
+    assert cpu_linear.available()
+    path = cpu_linear.library_path()
+    assert path is not None and path.is_file() and path.suffix == ".so"
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", range(1, cpu_linear.MAX_ROWS + 1))
+def test_matches_float64_product(rows):
+    g = torch.Generator().manual_seed(rows)
+    for n, k in [(1, 1), (5, 7), (33, 8), (300, 37), (770, 768), (64, 2051)]:  # K tails and N split unevenly
+        x, w = torch.randn(rows, k, generator=g), torch.randn(n, k, generator=g)
+        ref = x.double() @ w.double().t()
+        y = cpu_linear.small_batch_linear(x, w)
+        assert y.dtype == torch.float32 and y.shape == (rows, n)
+        scale = (x.double().abs() @ w.double().abs().t()).max().item()
+        assert (y.double() - ref).abs().max().item() <= 1e-6 * scale, (rows, n, k)
+
+
+@needs_kernel
+def test_shapes_views_and_threads():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(96, 40, generator=g)
+    x = torch.randn(2, 3, 40, generator=g)  # (..., K): 6 rows
+    torch.testing.assert_close(cpu_linear.small_batch_linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
+    xt = torch.randn(40, 4, generator=g).t()  # a non-contiguous (4, 40) view
+    wt = torch.randn(40, 96, generator=g).t()  # and a non-contiguous weight
+    torch.testing.assert_close(cpu_linear.small_batch_linear(xt, wt), F.linear(xt, wt), rtol=1e-5, atol=1e-5)
+    # each output is summed by one thread in a fixed order: the thread count does not change a bit
+    big_w, big_x = torch.randn(1000, 256, generator=g), torch.randn(8, 256, generator=g)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = cpu_linear.small_batch_linear(big_x, big_w)
+        torch.set_num_threads(max(2, threads))
+        many = cpu_linear.small_batch_linear(big_x, big_w)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, many)
+
+
+def test_other_inputs_go_to_f_linear():
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(16, 24, generator=g)
+    nine = torch.randn(9, 24, generator=g)  # more rows than the kernel takes
+    assert torch.equal(cpu_linear.small_batch_linear(nine, w), F.linear(nine, w))
+    xb, wb = torch.randn(2, 24, generator=g).bfloat16(), w.bfloat16()
+    assert torch.equal(cpu_linear.small_batch_linear(xb, wb), F.linear(xb, wb))
+    empty = torch.randn(0, 24)
+    assert cpu_linear.small_batch_linear(empty, w).shape == (0, 16)
+    with pytest.raises(RuntimeError):  # K disagrees: F.linear's own error
+        cpu_linear.small_batch_linear(torch.randn(2, 23), w)
+
+
+@needs_kernel
+def test_compiled_graph_calls_the_op():
+    g = torch.Generator().manual_seed(2)
+    w, x = torch.randn(48, 32, generator=g), torch.randn(3, 32, generator=g)
+
+    def f(x, w):
+        return torch.ops.llama_hf.small_batch_linear(torch.relu(x), w) * 2 + 1
+
+    torch._dynamo.reset()
+    out = torch.compile(f, fullgraph=True)(x, w)
+    torch.testing.assert_close(out, F.linear(torch.relu(x), w) * 2 + 1, rtol=1e-5, atol=1e-5)
+
+
+def test_opt_out_computes_f_linear(tmp_path):
+    code = """
+import json, torch, torch.nn.functional as F
+from modeling_llama import cpu_linear
+x, w = torch.randn(4, 64), torch.randn(32, 64)
+print(json.dumps({"available": cpu_linear.available(),
+                  "same": torch.equal(cpu_linear.small_batch_linear(x, w), F.linear(x, w))}))
+"""
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "XDG_CACHE_HOME": str(tmp_path), cpu_linear.ENV_VAR: "0"}
+    assert run_python_json(code, cwd=REPO_ROOT, env=env) == {"available": False, "same": True}
+    assert not any(tmp_path.rglob("*.so"))  # nothing was built
