@@ -277,13 +277,17 @@ def _kernel_share(step) -> float:
 
 
 # ------------------------------------------------------------------------------------------------ decoding
-def gemv_rate(weight_bytes: int, dtype: torch.dtype = torch.bfloat16, repeats: int = 5) -> float:
-    """Bytes/s at which one ``F.linear`` (batch 1) in ``dtype`` streams a weight matrix of ``weight_bytes`` (out of
-    cache): the GEMV kernel eager decoding runs on this machine (the fast path's compiled GEMV replaces it)."""
+def linear_rate(weight_bytes: int, dtype: torch.dtype, rows: int = 1, kernel: bool = False, repeats: int = 5) -> float:
+    """Bytes/s at which one product of ``rows`` rows by a weight matrix of ``weight_bytes`` in ``dtype`` (out of
+    cache) streams the weight: ``F.linear`` (the kernel stock and eager decoding run), or with ``kernel`` our
+    :func:`modeling_llama.cpu_linear.small_batch_linear` (what the fast path calls at batch 2-16 in fp32)."""
+    from modeling_llama import cpu_linear
+
     cols = 4096
     w = torch.randn(max(1, weight_bytes // (dtype.itemsize * cols)), cols).to(dtype)
-    x = torch.randn(1, cols).to(dtype)
-    best = min(_timeit(lambda: torch.nn.functional.linear(x, w), repeats))
+    x = torch.randn(rows, cols).to(dtype)
+    fn = cpu_linear.small_batch_linear if kernel else torch.nn.functional.linear
+    best = min(_timeit(lambda: fn(x, w), repeats))
     return w.numel() * dtype.itemsize / best
 
 
@@ -334,7 +338,7 @@ def bench_decode(preset: str, prompt_len: int, new_tokens: int, repeats: int, co
         # the fastest path: static cache + compiled step (bf16 weights where native, else fp32)
         import copy
 
-        from modeling_llama import FastDecoder
+        from modeling_llama import FastDecoder, cpu_linear
 
         fast_model = copy.deepcopy(ours)
         dec = FastDecoder(fast_model, batch, prompt_len + new_tokens + 1, compile=compile)
@@ -364,7 +368,10 @@ def bench_decode(preset: str, prompt_len: int, new_tokens: int, repeats: int, co
         # what the step streams, against a bare F.linear at batch 1 over the same bytes in the same dtype (the
         # kernel eager decoding runs; the fast path's compiled GEMV replaces it at batch 1)
         row["fast_weight_GBps"] = row["fast_tokens_per_s"] / batch * weight_bytes / 1e9
-        row["linear_gemv_GBps"] = gemv_rate(weight_bytes, dec.dtype) / 1e9
+        row["linear_gemv_GBps"] = linear_rate(weight_bytes, dec.dtype) / 1e9  # one row
+        row["linear_rows_GBps"] = linear_rate(weight_bytes, dec.dtype, batch) / 1e9  # the step's rows
+        if dec.dtype == torch.float32 and cpu_linear.available():
+            row["cpu_linear_rows_GBps"] = linear_rate(weight_bytes, dec.dtype, batch, kernel=True) / 1e9
         row["bound_tokens_per_s"] = batch * bw / weight_bytes
         fractions = [weight_bytes / t * new_tokens / b for t, b in zip(fast_times, bws)]  # (tok/s) / (b / bytes)
         row["fast_fraction_of_bound"] = statistics.median(fractions)
@@ -490,8 +497,9 @@ def to_markdown(meta: dict, results: dict) -> str:
         lines += [
             "| greedy decode (100M) | stock tok/s | ours tok/s | ours / stock | fastest tok/s | fastest / stock "
             "| fastest: dtype | bandwidth bound tok/s (its weights) | fastest / bound | fastest: weights GB/s "
-            "| F.linear GEMV GB/s (same dtype) | prefill ms stock / ours |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| F.linear GB/s, one row / the batch's rows | our kernel GB/s, the batch's rows "
+            "| prefill ms stock / ours |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in results["decode"]:
             lines.append(
@@ -500,7 +508,8 @@ def to_markdown(meta: dict, results: dict) -> str:
                 f"{r['fast_vs_stock']:.2f}x | {r.get('fast_dtype', 'bfloat16')} | "
                 f"{r.get('bound_tokens_per_s', r.get('bound_tokens_per_s_bf16', float('nan'))):.1f} | "
                 f"{r['fast_fraction_of_bound']:.0%} | {r['fast_weight_GBps']:.1f} | "
-                f"{r.get('linear_gemv_GBps', r.get('bf16_linear_gemv_GBps', float('nan'))):.1f} | "
+                f"{r.get('linear_gemv_GBps', float('nan')):.1f} / {r.get('linear_rows_GBps', float('nan')):.1f} | "
+                f"{r.get('cpu_linear_rows_GBps', float('nan')):.1f} | "
                 f"{r['stock_prefill_ms']:.0f} / {r['ours_prefill_ms']:.0f} |"
             )
         lines.append("")

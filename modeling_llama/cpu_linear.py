@@ -1,19 +1,21 @@
-"""A float32 ``F.linear`` for 1-8 rows on CPU that reads each weight once, at memory speed.
+"""A float32 ``F.linear`` for a few rows (up to 16) on CPU that reads each weight once, at memory speed.
 
 Greedy decoding multiplies one row per sequence by every weight matrix: at batch 8 that is an (8, K) x (K, N)
-product, too thin for a BLAS. MKL (torch's fp32 BLAS) streams the weights of such a product at 5-7 GB/s on a
+product, too thin for a BLAS. MKL (torch's fp32 BLAS) streams the weights of such a product at 4-7 GB/s on a
 2-core AVX2 CPU (``benchmarks/RESULTS.md``), under half of what a one-row product reads there, and inductor's code
 for it as a multiply-and-sum reduces one (row, output) pair at a time, bound by the add latency (~8 GB/s).
 
 The kernel here (C, compiled with the system compiler for this CPU on first use and cached) keeps one vector
-accumulator per input row in registers and loads each 8-float piece of a weight row once for all rows, with a
-non-temporal prefetch a few KB ahead so the streamed weights do not push the input rows out of L1; the output rows
-are split between the threads of torch's OpenMP pool (it links the same ``libgomp``). Measured on the decode
-shapes of the ``100M`` preset with 8 rows: 13-15 GB/s against MKL's 6-7 (the one-row rate is ~15).
+accumulator per input row in registers and loads each 8-float piece of a weight row once for up to 8 rows (more
+rows: the row is reused from L1 by each group of 8), with a non-temporal prefetch 4 KB ahead so the streamed
+weights do not push the input rows out of L1; the output columns are split between the threads of torch's OpenMP
+pool (it links the same ``libgomp``). Measured on the decode shapes of the ``100M`` preset, 2 AVX2 cores: 8 rows
+8-15 GB/s against MKL's 4-7 (one row reads ~15 at best); beyond ~16 rows the product is compute-bound and MKL's
+``W @ xᵀ`` is faster, so :data:`MAX_ROWS` is 16.
 
 :func:`small_batch_linear` is a ``torch.library`` op, ``torch.ops.llama_hf.small_batch_linear``, so a compiled
-graph calls it as one opaque kernel; where the kernel cannot run (not fp32, not CPU, more than 8 rows,
-no C compiler, a failed build) it computes ``F.linear`` instead, so callers need no fallback of their own.
+graph calls it as one opaque kernel; where the kernel cannot run (not fp32, not CPU, more than :data:`MAX_ROWS`
+rows, no C compiler, a failed build) it computes ``F.linear`` instead, so callers need no fallback of their own.
 :func:`available` says whether the kernel is there. ``LLAMA_CPU_LINEAR=0`` turns it off.
 """
 
@@ -35,7 +37,7 @@ import torch.nn.functional as F
 __all__ = ["small_batch_linear", "available", "library_path", "MAX_ROWS", "ENV_VAR"]
 
 ENV_VAR = "LLAMA_CPU_LINEAR"
-MAX_ROWS = 8
+MAX_ROWS = 16  # beyond ~16 rows the products are compute-bound, and MKL's is faster
 
 _SOURCE = r"""
 #include <stdint.h>
@@ -47,61 +49,60 @@ typedef float v8 __attribute__((vector_size(32)));
 static inline v8 ld(const float* p) { v8 v; __builtin_memcpy(&v, p, sizeof v); return v; }
 static inline float hsum(v8 a) { float s = 0.f; for (int i = 0; i < 8; i++) s += a[i]; return s; }
 
-/* One input row: four accumulators over k, so the adds do not wait on each other (no software prefetch: it did
-   not help a single sequential stream). */
-static void rows_1(const float* x, const float* w, int64_t K, float* y, int64_t ldy, int64_t n0, int64_t n1) {
+/* y[0] = x . wr over K, one input row: four accumulators over k, so the adds do not wait on each other (no
+   software prefetch: it did not help a single sequential stream). */
+static void row_1(const float* x, const float* wr, int64_t K, float* y, int64_t ldy) {
     (void)ldy;
     const int64_t K32 = K & ~(int64_t)31;
-    for (int64_t n = n0; n < n1; n++) {
-        const float* wr = w + n * K;
-        v8 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
-        for (int64_t k = 0; k < K32; k += 32) {
-            a0 += ld(wr + k) * ld(x + k);
-            a1 += ld(wr + k + 8) * ld(x + k + 8);
-            a2 += ld(wr + k + 16) * ld(x + k + 16);
-            a3 += ld(wr + k + 24) * ld(x + k + 24);
-        }
-        float s = hsum((a0 + a1) + (a2 + a3));
-        for (int64_t k = K32; k < K; k++) s += wr[k] * x[k];
-        y[n] = s;
+    v8 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+    for (int64_t k = 0; k < K32; k += 32) {
+        a0 += ld(wr + k) * ld(x + k);
+        a1 += ld(wr + k + 8) * ld(x + k + 8);
+        a2 += ld(wr + k + 16) * ld(x + k + 16);
+        a3 += ld(wr + k + 24) * ld(x + k + 24);
     }
+    float s = hsum((a0 + a1) + (a2 + a3));
+    for (int64_t k = K32; k < K; k++) s += wr[k] * x[k];
+    y[0] = s;
 }
 
-/* MM input rows: one accumulator per row; each 8-float piece of the weight row is loaded once for all of them. */
-#define DEFINE_ROWS(MM)                                                                                     \
-static void rows_##MM(const float* x, const float* w, int64_t K, float* y, int64_t ldy, int64_t n0,         \
-                      int64_t n1) {                                                                         \
+/* y[m * ldy] = x[m] . wr for MM input rows: one accumulator per row; each 8-float piece of the weight row is
+   loaded once for all of them. */
+#define DEFINE_ROW(MM)                                                                                      \
+static void row_##MM(const float* x, const float* wr, int64_t K, float* y, int64_t ldy) {                  \
     const int64_t K8 = K & ~(int64_t)7;                                                                    \
-    for (int64_t n = n0; n < n1; n++) {                                                                    \
-        const float* wr = w + n * K;                                                                       \
-        v8 acc[MM];                                                                                        \
-        for (int m = 0; m < MM; m++) acc[m] = (v8){0};                                                     \
-        for (int64_t k = 0; k < K8; k += 8) {                                                              \
-            __builtin_prefetch(wr + k + PREFETCH_FLOATS, 0, 0);                                            \
-            v8 wv = ld(wr + k);                                                                            \
-            for (int m = 0; m < MM; m++) acc[m] += wv * ld(x + m * K + k);                                 \
-        }                                                                                                  \
-        for (int m = 0; m < MM; m++) {                                                                     \
-            float s = hsum(acc[m]);                                                                        \
-            for (int64_t k = K8; k < K; k++) s += wr[k] * x[m * K + k];                                    \
-            y[m * ldy + n] = s;                                                                            \
-        }                                                                                                  \
+    v8 acc[MM];                                                                                            \
+    for (int m = 0; m < MM; m++) acc[m] = (v8){0};                                                         \
+    for (int64_t k = 0; k < K8; k += 8) {                                                                  \
+        __builtin_prefetch(wr + k + PREFETCH_FLOATS, 0, 0);                                                \
+        v8 wv = ld(wr + k);                                                                                \
+        for (int m = 0; m < MM; m++) acc[m] += wv * ld(x + m * K + k);                                     \
+    }                                                                                                      \
+    for (int m = 0; m < MM; m++) {                                                                         \
+        float s = hsum(acc[m]);                                                                            \
+        for (int64_t k = K8; k < K; k++) s += wr[k] * x[m * K + k];                                        \
+        y[m * ldy] = s;                                                                                    \
     }                                                                                                      \
 }
-DEFINE_ROWS(2) DEFINE_ROWS(3) DEFINE_ROWS(4) DEFINE_ROWS(5) DEFINE_ROWS(6) DEFINE_ROWS(7) DEFINE_ROWS(8)
+DEFINE_ROW(2) DEFINE_ROW(3) DEFINE_ROW(4) DEFINE_ROW(5) DEFINE_ROW(6) DEFINE_ROW(7) DEFINE_ROW(8)
 
-typedef void (*rows_fn)(const float*, const float*, int64_t, float*, int64_t, int64_t, int64_t);
-static const rows_fn ROWS[9] = {0, rows_1, rows_2, rows_3, rows_4, rows_5, rows_6, rows_7, rows_8};
+typedef void (*row_fn)(const float*, const float*, int64_t, float*, int64_t);
+static const row_fn ROW[9] = {0, row_1, row_2, row_3, row_4, row_5, row_6, row_7, row_8};
 
-/* y (M, N) = x (M, K) @ w (N, K)^T, all row-major and contiguous, 1 <= M <= 8. Returns 0, or -1 for a bad M. */
+/* y (M, N) = x (M, K) @ w (N, K)^T, all row-major and contiguous. The output columns (weight rows) are split
+   between the threads; each weight row is read from memory once and, for M > 8, reused from L1 by every group of
+   8 input rows. Returns 0, or -1 for M < 1. */
 int llama_small_batch_linear(const float* x, int64_t M, const float* w, int64_t N, int64_t K, float* y) {
-    if (M < 1 || M > 8) return -1;
-    const rows_fn f = ROWS[M];
+    if (M < 1) return -1;
     #pragma omp parallel
     {
         const int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
         const int64_t per = (N + nt - 1) / nt, n0 = t * per, n1 = n0 + per < N ? n0 + per : N;
-        if (n0 < n1) f(x, w, K, y, N, n0, n1);
+        for (int64_t n = n0; n < n1; n++)
+            for (int64_t m = 0; m < M; m += 8) {
+                const int64_t rows = M - m < 8 ? M - m : 8;
+                ROW[rows](x + m * K, w + n * K, K, y + m * N + n, N);
+            }
     }
     return 0;
 }
@@ -188,7 +189,7 @@ def _small_batch_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     x2 = x.reshape(rows, k).contiguous()  # (M, K)
     w = weight.contiguous()  # (N, K)
     y = torch.empty(rows, n, dtype=torch.float32)  # (M, N)
-    fn(x2.data_ptr(), rows, w.data_ptr(), n, k, y.data_ptr())  # returns -1 only for rows outside 1..8
+    fn(x2.data_ptr(), rows, w.data_ptr(), n, k, y.data_ptr())  # returns -1 only for rows < 1
     return y.reshape(*x.shape[:-1], n)
 
 

@@ -13,12 +13,13 @@ memory-bound. :class:`FastDecoder` is the path for latency:
   accumulation, bf16 weights read once) that inductor turns into one vectorised, threaded loop: it streams the
   weights ~1.6x faster than the bf16 GEMV kernel ``F.linear`` dispatches to (``benchmarks/bench_cpu.py``);
   attention runs as the plain math (``eager``) attention, which inductor fuses for a one-row query instead of
-  calling the flash kernel, whose per-call set-up dominates at that size. At batch 2-8 in fp32 each linear
-  calls :mod:`.cpu_linear`'s kernel, which reads each weight once for all rows at memory speed (13-15 GB/s on
-  2 AVX2 cores against 6-7 for MKL's product; batch 8 decoding 80 -> 114 tok/s); where that kernel cannot be
-  built (no C compiler), and at batch > 8, each linear is traced as ``W @ xᵀ`` (a tall-skinny product), which
-  MKL runs ~1.3-2.4x faster than ``x @ Wᵀ`` for a few rows. In bf16 at batch > 1 the linears stay matmuls and
-  inductor's freezing pre-packs the weights for oneDNN.
+  calling the flash kernel, whose per-call set-up dominates at that size. At batch 2-16 in fp32 each linear
+  calls :mod:`.cpu_linear`'s kernel, which reads each weight once for all rows at memory speed (8-15 GB/s on
+  2 AVX2 cores at batch 8 against 4-7 for MKL's product; batch 8 decoding 80 -> 114 tok/s); where that kernel
+  cannot be built (no C compiler), and at batch > 16, each linear is traced as ``W @ xᵀ`` (a tall-skinny
+  product), which MKL runs ~1.3-2.4x faster than ``x @ Wᵀ`` for a few rows. The eager prefill in fp32 runs its
+  linears as ``W @ xᵀ`` too (32-256 rows: 1.1-1.9x faster in MKL). In bf16 at batch > 1 the linears stay
+  matmuls and inductor's freezing pre-packs the weights for oneDNN.
 - the rotary cos/sin of every position computed once (eager, float32, as the module computes them) and looked up
   in the compiled step: computed inside it, inductor fused them into the attention-score reduction and
   recomputed them for every cached key (2 CPUs, batch 8: attention 1.1 ms per layer, 0.65 ms with the table);
@@ -27,13 +28,15 @@ memory-bound. :class:`FastDecoder` is the path for latency:
   ``generate()`` (``benchmarks/RESULTS.md``).
 
 The model is taken over: it is cast to ``dtype`` and put in eval mode, and on CPU its attention is set to
-``eager`` (the same math as SDPA). Its eager forward is otherwise unchanged (the GEMV form and the rotary table
-are only used while compiling), so the model can still be used, trained or saved as before.
+``eager`` (the same math as SDPA). Its eager forward is otherwise unchanged (the GEMV form, the kernel and the
+rotary table are only used while compiling, ``W @ xᵀ`` only inside :meth:`FastDecoder.generate`'s prefill), so
+the model can still be used, trained or saved as before.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import inspect
 
 import torch
@@ -63,24 +66,35 @@ def native_bf16(device: torch.device | str) -> bool:
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
+# Set by FastDecoder around its eager prefill on CPU in fp32: the linears then run as ``W @ xᵀ``, which MKL computes
+# 1.1-1.9x faster than ``x @ Wᵀ`` for 32-256 rows on an AVX2 CPU (``benchmarks/RESULTS.md``).
+_PREFILL_WXT: contextvars.ContextVar[bool] = contextvars.ContextVar("llama_prefill_wxt", default=False)
+
+
+def _wxt(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    y = torch.mm(self.weight, x.reshape(-1, x.shape[-1]).t()).t()  # (N, K) @ (K, M) -> (M, N)
+    if self.bias is not None:
+        y = y + self.bias
+    return y.reshape(*x.shape[:-1], -1)
+
+
+def _eager_linear(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return _wxt(self, x) if _PREFILL_WXT.get() else F.linear(x, self.weight, self.bias)
+
+
 def _small_batch_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """``F.linear`` that, while being compiled, is written as ``W @ xᵀ``: for a few rows MKL streams the weight
     faster in this orientation (measured 6.3-7.6 GB/s against 2.8-5.7 GB/s for ``x @ Wᵀ`` at 8 rows, fp32)."""
-    if torch.compiler.is_compiling():
-        y = torch.mm(self.weight, x.reshape(-1, x.shape[-1]).t()).t()  # (N, K) @ (K, M) -> (M, N)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*x.shape[:-1], -1)
-    return F.linear(x, self.weight, self.bias)
+    return _wxt(self, x) if torch.compiler.is_compiling() else _eager_linear(self, x)
 
 
 def _streaming_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """``F.linear`` that, while being compiled, calls :func:`cpu_linear.small_batch_linear` (fp32, 1-8 rows on
-    CPU: each weight read once, at memory speed)."""
+    """``F.linear`` that, while being compiled, calls :func:`cpu_linear.small_batch_linear` (fp32, up to
+    ``cpu_linear.MAX_ROWS`` rows on CPU: each weight read once, at memory speed)."""
     if torch.compiler.is_compiling():
         y = torch.ops.llama_hf.small_batch_linear(x, self.weight)
         return y if self.bias is None else y + self.bias
-    return F.linear(x, self.weight, self.bias)
+    return _eager_linear(self, x)
 
 
 def _gemv_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -90,7 +104,7 @@ def _gemv_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         if self.bias is not None:
             y = y + self.bias.float()
         return y.to(x.dtype)
-    return F.linear(x, self.weight, self.bias)
+    return _eager_linear(self, x)
 
 
 def _rotary_table_forward(self: LlamaRotaryEmbedding, x: torch.Tensor, position_ids: torch.Tensor):
@@ -159,6 +173,8 @@ class FastDecoder:
                 linear_forward = _small_batch_linear_forward
             else:
                 options = {"freezing": True}  # weights become constants, pre-packed for oneDNN's GEMM
+        # the eager prefill's linears as W @ xᵀ (CPU, fp32: where the installed forwards read the flag)
+        self._prefill_wxt = linear_forward is not None and dtype == torch.float32
         for module in model.modules():
             if linear_forward is not None and isinstance(module, nn.Linear):
                 module.forward = linear_forward.__get__(module)
@@ -207,7 +223,11 @@ class FastDecoder:
             )
         input_ids = input_ids.to(self.device)
         self.cache.reset()
-        nxt = self._forward(input_ids, torch.arange(t, device=self.device))  # prefill, eager
+        flag = _PREFILL_WXT.set(self._prefill_wxt)
+        try:
+            nxt = self._forward(input_ids, torch.arange(t, device=self.device))  # prefill, eager
+        finally:
+            _PREFILL_WXT.reset(flag)
         tokens = [nxt]
         positions = torch.arange(t, t + max_new_tokens, device=self.device)
         start = 0

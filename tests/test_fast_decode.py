@@ -47,6 +47,7 @@ def test_compiled_fast_decode_matches_stock_generate(batch, kernel, monkeypatch)
         dec.generate(prompt, 3)
     names = {e.key for e in prof.key_averages()}
     assert ("llama_hf::small_batch_linear" in names) == kernel
+    assert not fd._PREFILL_WXT.get()  # the prefill's W @ x^T form ends with the prefill
     # the model's own eager forward is unchanged (the GEMV form is only traced while compiling)
     ids = torch.randint(0, 512, (2, 9))
     with torch.no_grad():
