@@ -41,7 +41,9 @@ MAX_ROWS = 16  # beyond ~16 rows the products are compute-bound, and MKL's is fa
 
 _SOURCE = r"""
 #include <stdint.h>
+#ifdef _OPENMP
 #include <omp.h>
+#endif
 
 typedef float v8 __attribute__((vector_size(32)));
 #define PREFETCH_FLOATS 1024  /* 4 KB ahead of the weight row being read */
@@ -96,7 +98,11 @@ int llama_small_batch_linear(const float* x, int64_t M, const float* w, int64_t 
     if (M < 1) return -1;
     #pragma omp parallel
     {
+#ifdef _OPENMP
         const int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
+#else
+        const int64_t nt = 1, t = 0;  /* built without OpenMP: one thread */
+#endif
         const int64_t per = (N + nt - 1) / nt, n0 = t * per, n1 = n0 + per < N ? n0 + per : N;
         for (int64_t n = n0; n < n1; n++)
             for (int64_t m = 0; m < M; m += 8) {
@@ -108,6 +114,7 @@ int llama_small_batch_linear(const float* x, int64_t M, const float* w, int64_t 
 }
 """
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+_FLAGS_NO_OPENMP = [f for f in _FLAGS if f != "-fopenmp"]  # a compiler without OpenMP: one thread
 
 
 def _cpu_signature() -> str:
@@ -141,9 +148,12 @@ def library_path() -> Path | None:
             with tempfile.TemporaryDirectory(dir=d) as tmp:
                 src, out = Path(tmp) / "kernel.c", Path(tmp) / "kernel.so"
                 src.write_text(_SOURCE)
-                subprocess.run([cc, *_FLAGS, "-o", str(out), str(src)], check=True, capture_output=True, timeout=120)
-                os.replace(out, d / name)  # atomic: concurrent processes may race here, harmlessly
-            return d / name
+                for flags in (_FLAGS, _FLAGS_NO_OPENMP):
+                    cmd = [cc, *flags, "-o", str(out), str(src)]
+                    if subprocess.run(cmd, capture_output=True, timeout=120).returncode == 0:
+                        os.replace(out, d / name)  # atomic: concurrent processes may race here, harmlessly
+                        return d / name
+            return None  # the compiler refused the source: no other folder will change that
         except (OSError, subprocess.SubprocessError):
             continue
     return None

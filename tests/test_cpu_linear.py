@@ -60,6 +60,25 @@ def test_shapes_views_and_threads():
     assert torch.equal(one, many)
 
 
+@pytest.mark.skipif(not has_cc, reason="no C compiler")
+def test_build_without_openmp_is_single_threaded_and_right(tmp_path):
+    # what library_path() falls back to where the compiler has no OpenMP
+    import ctypes
+    import subprocess
+
+    cc = next(shutil.which(c) for c in (os.environ.get("CC"), "cc", "gcc", "clang") if c and shutil.which(c))
+    src, lib = tmp_path / "k.c", tmp_path / "k.so"
+    src.write_text(cpu_linear._SOURCE)
+    subprocess.run([cc, *cpu_linear._FLAGS_NO_OPENMP, "-o", str(lib), str(src)], check=True, capture_output=True)
+    fn = ctypes.CDLL(str(lib)).llama_small_batch_linear
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    g = torch.Generator().manual_seed(3)
+    x, w, y = torch.randn(11, 45, generator=g), torch.randn(70, 45, generator=g), torch.full((11, 70), float("nan"))
+    assert fn(x.data_ptr(), 11, w.data_ptr(), 70, 45, y.data_ptr()) == 0
+    torch.testing.assert_close(y, F.linear(x, w), rtol=1e-5, atol=1e-5)
+    assert fn(x.data_ptr(), 0, w.data_ptr(), 70, 45, y.data_ptr()) == -1  # no rows: refused
+
+
 def test_other_inputs_go_to_f_linear():
     g = torch.Generator().manual_seed(1)
     w = torch.randn(16, 24, generator=g)
