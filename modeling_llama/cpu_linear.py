@@ -196,11 +196,11 @@ def _small_batch_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     ):
         return F.linear(x, weight)
     n, k = weight.shape
-    x2 = x.reshape(rows, k).contiguous()  # (M, K)
-    w = weight.contiguous()  # (N, K)
-    y = torch.empty(rows, n, dtype=torch.float32)  # (M, N)
-    fn(x2.data_ptr(), rows, w.data_ptr(), n, k, y.data_ptr())  # returns -1 only for rows < 1
-    return y.reshape(*x.shape[:-1], n)
+    x = x if x.is_contiguous() else x.contiguous()  # (..., K): read as (M, K); few Python calls, 85 a token
+    w = weight if weight.is_contiguous() else weight.contiguous()  # (N, K)
+    y = torch.empty(*x.shape[:-1], n, dtype=torch.float32)  # (..., N): written as (M, N)
+    fn(x.data_ptr(), rows, w.data_ptr(), n, k, y.data_ptr())  # returns -1 only for rows < 1
+    return y
 
 
 # A plain torch.library op (a Python kernel behind the dispatcher: ~16 us a call here, where
