@@ -23,6 +23,10 @@ memory-bound. :class:`FastDecoder` is the path for latency:
 - the rotary cos/sin of every position computed once (eager, float32, as the module computes them) and looked up
   in the compiled step: computed inside it, inductor fused them into the attention-score reduction and
   recomputed them for every cached key (2 CPUs, batch 8: attention 1.1 ms per layer, 0.65 ms with the table);
+- on CPU, the step attends over a prefix of the static cache, 64, 128, ... positions (views of the same tensors,
+  one compiled step per length, compiled when first reached), and the prefill over the smallest that holds the
+  prompt: attending over all ``max_length`` positions made batch 8 on 2 CPUs fall from 141 to 42 tok/s at
+  ``max_length=2048`` (stock ``generate()``: 47); with the buckets 130;
 - the dtype: bf16 where the device computes it natively (CUDA; CPUs with AVX512-BF16 or AMX), fp32 on other CPUs,
   where bf16 matmuls are emulated: on an AVX2-only CPU the bf16 step at batch 8 was slower than stock fp32
   ``generate()`` (``benchmarks/RESULTS.md``).
@@ -107,6 +111,15 @@ def _gemv_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return _eager_linear(self, x)
 
 
+def _cache_buckets(max_length: int) -> tuple[int, ...]:
+    """Cache lengths the step is compiled for: 64, 128, ... up to half of ``max_length``, then ``max_length``
+    (each bucket at least halves the cache the attention reads; one compilation each, when first reached)."""
+    small = []
+    while (b := 64 << len(small)) <= max_length // 2:
+        small.append(b)
+    return (*small, max_length)
+
+
 def _rotary_table_forward(self: LlamaRotaryEmbedding, x: torch.Tensor, position_ids: torch.Tensor):
     """``LlamaRotaryEmbedding.forward`` that, while being compiled, looks the angles' cos/sin up in the table
     :class:`FastDecoder` computed once in eager mode (same values); otherwise inductor fuses the cos/sin into the
@@ -157,8 +170,21 @@ class FastDecoder:
         self.max_length = max_length
         self.cuda = self.device.type == "cuda"
         self.compiled = compile
-        self._warm = False  # set once the compiled step has run (and compiled) once
         self.cache = StaticCache(config=model.config, max_cache_len=max_length)
+        # On CPU the step attends over a prefix of the cache (a bucket: 64, 128, ... positions, at most half of
+        # max_length, then all of it), not over all max_length positions: reading the whole static cache made the
+        # batch-8 step 3.3x slower at max_length 2048 than at 97, slower than stock generate().
+        views = not self.cuda and hasattr(self.cache, "layers")  # CUDA: one bucket (CUDA graphs; untested there)
+        self.buckets = _cache_buckets(max_length) if views else (max_length,)
+        self._caches = {max_length: self.cache}  # bucket -> a cache whose tensors are views of self.cache's
+        early_init = getattr(self.cache, "early_initialization", None)  # the views need the tensors before prefill
+        if len(self.buckets) > 1 and early_init is not None:
+            cfg = model.config
+            heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+            head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+            early_init(batch_size, heads, head_dim, dtype, self.device)
+        self._steps: dict[int, object] = {}  # bucket -> its step (compiled once, on first use)
+        self._warm: set[int] = set()  # buckets whose step has run (and compiled) once
         params = inspect.signature(model.forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"  # transformers >= 5.24 : older
         options = None
@@ -184,25 +210,50 @@ class FastDecoder:
                     t[0] for t in module(probe, torch.arange(max_length, device=self.device)[None])
                 )
                 module.forward = _rotary_table_forward.__get__(module)
-        self._step = self._forward
-        if compile:  # CUDA: replayed as one CUDA graph per token
-            mode = "reduce-overhead" if self.cuda else None
-            self._step = torch.compile(self._forward, fullgraph=True, dynamic=False, mode=mode, options=options)
+        self._compile_kwargs = {"mode": "reduce-overhead" if self.cuda else None, "options": options}
 
-    def _forward(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, cache=None) -> torch.Tensor:
         out = self.model(
             input_ids=ids,
             position_ids=pos[None].expand(ids.shape[0], -1),
             use_cache=True,
             cache_position=pos,
-            **{self._cache_arg: self.cache},
+            **{self._cache_arg: self.cache if cache is None else cache},
         )
         return out.logits[:, -1].argmax(-1)  # (B,)
 
-    def _call_step(self, nxt: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    def _bucket_cache(self, bucket: int):
+        """A cache of ``bucket`` positions whose key/value tensors are views of the first ``bucket`` positions of
+        :attr:`cache` (written through, reset with it, sharing its position counter)."""
+        if bucket not in self._caches:
+            from transformers import StaticCache
+
+            view = StaticCache(config=self.model.config, max_cache_len=bucket)
+            for small, full in zip(view.layers, self.cache.layers):
+                small.__dict__.update(full.__dict__)  # device, shapes, the shared position counter, ...
+                small.max_cache_len = bucket  # the attention mask's length
+                small.keys, small.values = full.keys[:, :, :bucket], full.values[:, :, :bucket]  # (B, H, bucket, D)
+            self._caches[bucket] = view
+        return self._caches[bucket]
+
+    def _step_for(self, bucket: int):
+        """The one-token step attending over ``bucket`` cache positions. Each bucket's step is a function with a
+        code object of its own: dynamo keeps compiled graphs per code object, and once guard evaluation is skipped
+        a code object must hold a single graph."""
+        if bucket not in self._steps:
+            namespace: dict = {}
+            scope = {"forward": self._forward, "cache": self._bucket_cache(bucket)}
+            exec("def step(ids, pos):\n    return forward(ids, pos, cache)\n", scope, namespace)
+            step = namespace["step"]
+            if self.compiled:  # CUDA: replayed as one CUDA graph per token
+                step = torch.compile(step, fullgraph=True, dynamic=False, **self._compile_kwargs)
+            self._steps[bucket] = step
+        return self._steps[bucket]
+
+    def _call_step(self, step, nxt: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         if self.cuda:
             torch.compiler.cudagraph_mark_step_begin()
-        return self._step(nxt[:, None], pos).clone()  # clone: a CUDA-graph replay overwrites its output buffer
+        return step(nxt[:, None], pos).clone()  # clone: a CUDA-graph replay overwrites its output buffer
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
@@ -223,21 +274,30 @@ class FastDecoder:
             )
         input_ids = input_ids.to(self.device)
         self.cache.reset()
+        prefill_cache = None  # the whole cache, or the smallest bucket that holds the prompt once initialised
+        if getattr(self.cache.layers[0], "is_initialized", False):
+            prefill_cache = self._bucket_cache(next(b for b in self.buckets if b >= t))
         flag = _PREFILL_WXT.set(self._prefill_wxt)
         try:
-            nxt = self._forward(input_ids, torch.arange(t, device=self.device))  # prefill, eager
+            nxt = self._forward(input_ids, torch.arange(t, device=self.device), prefill_cache)  # prefill, eager
         finally:
             _PREFILL_WXT.reset(flag)
         tokens = [nxt]
         positions = torch.arange(t, t + max_new_tokens, device=self.device)
-        start = 0
-        if self.compiled and not self._warm and max_new_tokens > 1:  # the first compiled call compiles the step
-            nxt = self._call_step(nxt, positions[:1])
-            tokens.append(nxt)
-            start, self._warm = 1, True
-        # later calls skip dynamo's guard evaluation: the shapes are the ones checked above
-        with _skip_guards(self._warm):
-            for i in range(start, max_new_tokens - 1):
-                nxt = self._call_step(nxt, positions[i : i + 1])
+        i, n_steps = 0, max_new_tokens - 1  # step i feeds the token at position t + i
+        while i < n_steps:
+            bucket = next(b for b in self.buckets if b > t + i)  # holds positions 0 .. t + i
+            end = min(n_steps, bucket - t)  # the steps that fit in this bucket
+            step = self._step_for(bucket)
+            if self.compiled and bucket not in self._warm:  # the first call compiles, with guards evaluated
+                nxt = self._call_step(step, nxt, positions[i : i + 1])
                 tokens.append(nxt)
+                i += 1
+                self._warm.add(bucket)
+            # later calls skip dynamo's guard evaluation: the shapes are the ones checked above
+            with _skip_guards(self.compiled):
+                for j in range(i, end):
+                    nxt = self._call_step(step, nxt, positions[j : j + 1])
+                    tokens.append(nxt)
+            i = end
         return torch.stack(tokens, 1)  # (B, N)

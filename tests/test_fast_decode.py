@@ -54,6 +54,24 @@ def test_compiled_fast_decode_matches_stock_generate(batch, kernel, monkeypatch)
         torch.testing.assert_close(ours(ids).logits, stock(ids).logits, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("compile", [True, False])
+def test_steps_attend_over_cache_buckets(compile):
+    """A long max_length: the step reads a 64-position view of the cache while the positions fit, then all of it;
+    tokens stay stock's across the switch, and in a second call (guards skipped)."""
+    ours, stock = twin_models(seed=9)
+    torch._dynamo.reset()
+    dec = FastDecoder(ours, batch_size=2, max_length=200, dtype=torch.float32, compile=compile)
+    assert dec.buckets == (64, 200)
+    for seed in (0, 1):
+        prompt = torch.randint(3, 512, (2, 58), generator=torch.Generator().manual_seed(seed))
+        out = dec.generate(prompt, 12)  # positions 58..68: bucket 64, then 200
+        assert torch.equal(out, stock_greedy(stock, prompt, 12))
+    small, full = dec._caches[64].layers[0], dec.cache.layers[0]
+    assert small.keys.shape[2] == 64 and full.keys.shape[2] == 200
+    assert small.keys.data_ptr() == full.keys.data_ptr()  # a view: written through, no second cache
+    assert sorted(dec._steps) == [64, 200]
+
+
 def test_eager_fast_decode_and_bf16():
     ours, stock = twin_models(seed=5)
     prompt = torch.randint(3, 512, (2, PROMPT), generator=torch.Generator().manual_seed(5))
