@@ -171,18 +171,6 @@ class FastDecoder:
         self.cuda = self.device.type == "cuda"
         self.compiled = compile
         self.cache = StaticCache(config=model.config, max_cache_len=max_length)
-        # On CPU the step attends over a prefix of the cache (a bucket: 64, 128, ... positions, at most half of
-        # max_length, then all of it), not over all max_length positions: reading the whole static cache made the
-        # batch-8 step 3.3x slower at max_length 2048 than at 97, slower than stock generate().
-        views = not self.cuda and hasattr(self.cache, "layers")  # CUDA: one bucket (CUDA graphs; untested there)
-        self.buckets = _cache_buckets(max_length) if views else (max_length,)
-        self._caches = {max_length: self.cache}  # bucket -> a cache whose tensors are views of self.cache's
-        early_init = getattr(self.cache, "early_initialization", None)  # the views need the tensors before prefill
-        if len(self.buckets) > 1 and early_init is not None:
-            cfg = model.config
-            heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-            head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-            early_init(batch_size, heads, head_dim, dtype, self.device)
         self._steps: dict[int, object] = {}  # bucket -> its step (compiled once, on first use)
         self._warm: set[int] = set()  # buckets whose step has run (and compiled) once
         params = inspect.signature(model.forward).parameters
@@ -210,6 +198,20 @@ class FastDecoder:
                     t[0] for t in module(probe, torch.arange(max_length, device=self.device)[None])
                 )
                 module.forward = _rotary_table_forward.__get__(module)
+        # On CPU the step attends over a prefix of the cache (a bucket: 64, 128, ... positions, at most half of
+        # max_length, then all of it), not over all max_length positions: reading the whole static cache made the
+        # batch-8 step 3.3x slower at max_length 2048 than at 97, slower than stock generate().
+        # One bucket on CUDA (CUDA graphs; untested there) and with freezing (each graph would hold its own
+        # pre-packed copy of the weights).
+        views = not self.cuda and options is None and hasattr(self.cache, "layers")
+        self.buckets = _cache_buckets(max_length) if views else (max_length,)
+        self._caches = {max_length: self.cache}  # bucket -> a cache whose tensors are views of self.cache's
+        early_init = getattr(self.cache, "early_initialization", None)  # the views need the tensors before prefill
+        if len(self.buckets) > 1 and early_init is not None:
+            cfg = model.config
+            heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+            head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+            early_init(batch_size, heads, head_dim, dtype, self.device)
         self._compile_kwargs = {"mode": "reduce-overhead" if self.cuda else None, "options": options}
 
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor, cache=None) -> torch.Tensor:
