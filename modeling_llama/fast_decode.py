@@ -277,7 +277,7 @@ class FastDecoder:
         input_ids = input_ids.to(self.device)
         self.cache.reset()
         prefill_cache = None  # the whole cache, or the smallest bucket that holds the prompt once initialised
-        if getattr(self.cache.layers[0], "is_initialized", False):
+        if len(self.buckets) > 1 and getattr(self.cache.layers[0], "is_initialized", False):
             prefill_cache = self._bucket_cache(next(b for b in self.buckets if b >= t))
         flag = _PREFILL_WXT.set(self._prefill_wxt)
         try:
