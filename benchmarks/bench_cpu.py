@@ -10,14 +10,16 @@ ratios, not absolute numbers). Writes benchmarks/results/cpu.{json,md}.
   running both models, steps alternating between the two child processes.
 - decode: greedy generation tokens/s at batch 1 and 8 and prefill latency, ours vs stock with the dynamic cache;
   our fastest path (static cache, ``torch.compile``d decode step; bf16 weights where the CPU computes bf16
-  natively, else fp32); and the memory-bandwidth bound
-  (weight bytes per token / measured copy bandwidth).
+  natively, else fp32): its whole ``generate`` (prefill + steps), its prefill alone and its steady step; each
+  against the memory-bandwidth bound (weight bytes per step / measured copy bandwidth); and the fast path at
+  batch 8 with a long cache (``--long_max_length``, default 2048).
 - tokenizer: encode MB/s of ours (fast, slow) vs sentencepiece on the ~5 MB Shakespeare corpus, with mismatches.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import json
 import lzma
@@ -79,8 +81,6 @@ def _train_ids(vocab_size: int, batch: int, seq: int) -> torch.Tensor:
 def _compiled_as_pretrain(ours):
     """A copy of ``ours`` as ``training.pretrain --compile true`` runs it on CPU: regional compilation and
     ``attn_implementation="blocked_causal"`` (pretrain's ``auto`` on CPU)."""
-    import copy
-
     from training.parallel import apply_compile
     from training.pretrain import resolve_attn_implementation
 
@@ -129,8 +129,6 @@ def bench_train(
     Also measured, from one profiled stock step: the share of the step spent in the matrix products and attention
     kernels (``aten::mm``/``addmm``/``bmm``, SDPA forward and backward), which no fusion of the rest can remove;
     ``1 / share`` is the most any implementation running the same kernels can gain over stock."""
-    import copy
-
     from training.parallel import apply_compile
 
     rows = []
@@ -299,7 +297,9 @@ def copy_bandwidth(n_bytes: int = 1 << 29, repeats: int = 5) -> float:
     return 2 * n_bytes / best
 
 
-def bench_decode(preset: str, prompt_len: int, new_tokens: int, repeats: int, compile: bool) -> list[dict]:
+def bench_decode(
+    preset: str, prompt_len: int, new_tokens: int, repeats: int, compile: bool, long_max_length: int = 2048
+) -> list[dict]:
     rows = []
     ours, stock = _twins(preset)
     ours.eval()
@@ -337,46 +337,19 @@ def bench_decode(preset: str, prompt_len: int, new_tokens: int, repeats: int, co
             "ours_prefill_ms": 1e3 * statistics.median(prefill["ours"]),
         }
         # the fastest path: static cache + compiled step (bf16 weights where native, else fp32)
-        import copy
-
         from modeling_llama import FastDecoder, cpu_linear
 
         fast_model = copy.deepcopy(ours)
         dec = FastDecoder(fast_model, batch, prompt_len + new_tokens + 1, compile=compile)
-        t0 = time.perf_counter()
-        dec.generate(prompt, new_tokens)  # compiles
-        row["fast_compile_s"] = time.perf_counter() - t0
-        dec.generate(prompt, new_tokens)  # warm-up
-        # Each timed run is paired with a copy-bandwidth measurement taken just before it: the machine's bandwidth
-        # moves with its neighbours' load (33-55 GB/s within one day here), so the fraction of the bound is taken
-        # per pair, at the same moment, and the median pair reported.
-        fast_times, bws = [], []
-        for _ in range(max(repeats, 5)):
-            bws.append(copy_bandwidth(repeats=3))
-            t0 = time.perf_counter()
-            dec.generate(prompt, new_tokens)
-            fast_times.append(time.perf_counter() - t0)
-        med_fast = statistics.median(fast_times)
-        row["fast_tokens_per_s"] = batch * new_tokens / med_fast
-        row["fast_vs_stock"] = med["stock"] / med_fast
-        # bandwidth bound: every decoded step reads all weights once (in the fast path's dtype: bf16 where the CPU
-        # computes it natively, else fp32) + a small KV cache
-        row["fast_dtype"] = str(dec.dtype).removeprefix("torch.")
         weight_bytes = (n_params - emb) * dec.dtype.itemsize  # the embedding table is gathered, not streamed
-        bw = statistics.median(bws)
-        row["copy_bandwidth_GBps"] = bw / 1e9
-        row["copy_bandwidth_GBps_runs"] = [b / 1e9 for b in bws]
+        row.update(_time_fast(dec, prompt, new_tokens, repeats, weight_bytes))
+        row["fast_vs_stock"] = med["stock"] / (batch * new_tokens / row["fast_tokens_per_s"])
         # what the step streams, against a bare F.linear at batch 1 over the same bytes in the same dtype (the
         # kernel eager decoding runs; the fast path's compiled GEMV replaces it at batch 1)
-        row["fast_weight_GBps"] = row["fast_tokens_per_s"] / batch * weight_bytes / 1e9
         row["linear_gemv_GBps"] = linear_rate(weight_bytes, dec.dtype) / 1e9  # one row
         row["linear_rows_GBps"] = linear_rate(weight_bytes, dec.dtype, batch) / 1e9  # the step's rows
         if dec.dtype == torch.float32 and cpu_linear.available():
             row["cpu_linear_rows_GBps"] = linear_rate(weight_bytes, dec.dtype, batch, kernel=True) / 1e9
-        row["bound_tokens_per_s"] = batch * bw / weight_bytes
-        fractions = [weight_bytes / t * new_tokens / b for t, b in zip(fast_times, bws)]  # (tok/s) / (b / bytes)
-        row["fast_fraction_of_bound"] = statistics.median(fractions)
-        row["fast_fraction_of_bound_runs"] = fractions
         with torch.no_grad():
             out = dec.generate(prompt, new_tokens)
             agree = (out == ref[:, prompt_len:]).float().mean().item()
@@ -389,7 +362,72 @@ def bench_decode(preset: str, prompt_len: int, new_tokens: int, repeats: int, co
         rows.append(row)
         del fast_model, dec
         gc.collect()
+    if long_max_length:
+        # the same generation with the cache sized for a long conversation: the step attends over a prefix of the
+        # static cache (buckets of 64, 128, ... positions), so it costs what a tight max_length costs
+        from modeling_llama import FastDecoder
+
+        batch = 8
+        tight = next(r for r in rows if r["batch"] == batch)
+        torch.manual_seed(1)
+        prompt = torch.randint(3, ours.config.vocab_size, (batch, prompt_len))
+        dec = FastDecoder(copy.deepcopy(ours), batch, long_max_length, compile=compile)
+        weight_bytes = (n_params - emb) * dec.dtype.itemsize
+        row = {"bench": "greedy decode", "batch": batch, "prompt": prompt_len, "new_tokens": new_tokens}
+        row["max_length"] = long_max_length
+        row["buckets"] = list(dec.buckets)
+        row.update(_time_fast(dec, prompt, new_tokens, repeats, weight_bytes))
+        row["stock_tokens_per_s"] = tight["stock_tokens_per_s"]  # the dynamic cache has no max_length
+        row["fast_vs_stock"] = row["fast_tokens_per_s"] / tight["stock_tokens_per_s"]
+        row["fast_vs_tight_max_length"] = row["fast_tokens_per_s"] / tight["fast_tokens_per_s"]
+        rows.append(row)
+        del dec
+        gc.collect()
     return rows
+
+
+def _time_fast(dec, prompt: torch.Tensor, new_tokens: int, repeats: int, weight_bytes: int) -> dict:
+    """Tokens/s of ``dec.generate`` (prefill + steps), its prefill alone (``generate`` of one token) and its steady
+    step, each against the bandwidth bound measured just before it."""
+    batch = prompt.shape[0]
+    t0 = time.perf_counter()
+    dec.generate(prompt, new_tokens)  # compiles
+    row = {"fast_compile_s": time.perf_counter() - t0}
+    dec.generate(prompt, new_tokens)  # warm-up
+    # Each timed run is paired with a copy-bandwidth measurement taken just before it: the machine's bandwidth
+    # moves with its neighbours' load (33-55 GB/s within one day here), so the fraction of the bound is taken
+    # per pair, at the same moment, and the median pair reported.
+    gen, pre, bws = [], [], []
+    for _ in range(max(repeats, 5)):
+        bws.append(copy_bandwidth(repeats=3))
+        t0 = time.perf_counter()
+        dec.generate(prompt, new_tokens)
+        gen.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        dec.generate(prompt, 1)  # the prefill alone (its token is the prefill's argmax)
+        pre.append(time.perf_counter() - t0)
+    steps = [(g - p) / (new_tokens - 1) for g, p in zip(gen, pre)]  # seconds per step after the prefill
+    bw = statistics.median(bws)
+    row["fast_dtype"] = str(dec.dtype).removeprefix("torch.")
+    row["fast_tokens_per_s"] = batch * new_tokens / statistics.median(gen)
+    row["fast_prefill_ms"] = 1e3 * statistics.median(pre)
+    row["fast_step_ms"] = 1e3 * statistics.median(steps)
+    row["fast_step_tokens_per_s"] = batch / statistics.median(steps)
+    row["copy_bandwidth_GBps"] = bw / 1e9
+    row["copy_bandwidth_GBps_runs"] = [b / 1e9 for b in bws]
+    # bandwidth bound: every decoded step reads all weights once (in the fast path's dtype: bf16 where the CPU
+    # computes it natively, else fp32); the KV cache and the prefill (compute-bound) are not in it
+    row["bound_tokens_per_s"] = batch * bw / weight_bytes
+    row["fast_weight_GBps"] = row["fast_tokens_per_s"] / batch * weight_bytes / 1e9
+    row["fast_step_weight_GBps"] = row["fast_step_tokens_per_s"] / batch * weight_bytes / 1e9
+    # (tok/s) / (bw / bytes), per pair: the whole generate (prefill included) and the steps alone
+    fractions = [weight_bytes / g * new_tokens / b for g, b in zip(gen, bws)]
+    step_fractions = [weight_bytes / t / b for t, b in zip(steps, bws)]
+    row["fast_fraction_of_bound"] = statistics.median(fractions)
+    row["fast_fraction_of_bound_runs"] = fractions
+    row["fast_step_fraction_of_bound"] = statistics.median(step_fractions)
+    row["fast_step_fraction_of_bound_runs"] = step_fractions
+    return row
 
 
 # ------------------------------------------------------------------------------------------------ tokenizer
@@ -497,23 +535,44 @@ def to_markdown(meta: dict, results: dict) -> str:
     if results.get("decode"):
         lines += [
             "| greedy decode (100M) | stock tok/s | ours tok/s | ours / stock | fastest tok/s | fastest / stock "
-            "| fastest: dtype | bandwidth bound tok/s (its weights) | fastest / bound | fastest: weights GB/s "
+            "| fastest: dtype | bandwidth bound tok/s (its weights) | fastest / bound | fastest: prefill ms "
+            "| fastest: step tok/s (after the prefill) | step / bound | fastest: weights GB/s, all / steps "
             "| F.linear GB/s, one row / the batch's rows | our kernel GB/s, the batch's rows "
-            "| prefill ms stock / ours |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| prefill ms stock / ours (eager) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
+        nan = float("nan")
         for r in results["decode"]:
+            if "max_length" in r:
+                continue
             lines.append(
                 f"| batch {r['batch']}, {r['prompt']}+{r['new_tokens']} | {r['stock_tokens_per_s']:.1f} | "
                 f"{r['ours_tokens_per_s']:.1f} | {r['ratio']:.2f}x | {r['fast_tokens_per_s']:.1f} | "
                 f"{r['fast_vs_stock']:.2f}x | {r.get('fast_dtype', 'bfloat16')} | "
-                f"{r.get('bound_tokens_per_s', r.get('bound_tokens_per_s_bf16', float('nan'))):.1f} | "
-                f"{r['fast_fraction_of_bound']:.0%} | {r['fast_weight_GBps']:.1f} | "
-                f"{r.get('linear_gemv_GBps', float('nan')):.1f} / {r.get('linear_rows_GBps', float('nan')):.1f} | "
-                f"{r.get('cpu_linear_rows_GBps', float('nan')):.1f} | "
+                f"{r.get('bound_tokens_per_s', r.get('bound_tokens_per_s_bf16', nan)):.1f} | "
+                f"{r['fast_fraction_of_bound']:.0%} | {r.get('fast_prefill_ms', nan):.0f} | "
+                f"{r.get('fast_step_tokens_per_s', nan):.1f} | {r.get('fast_step_fraction_of_bound', nan):.0%} | "
+                f"{r['fast_weight_GBps']:.1f} / {r.get('fast_step_weight_GBps', nan):.1f} | "
+                f"{r.get('linear_gemv_GBps', nan):.1f} / {r.get('linear_rows_GBps', nan):.1f} | "
+                f"{r.get('cpu_linear_rows_GBps', nan):.1f} | "
                 f"{r['stock_prefill_ms']:.0f} / {r['ours_prefill_ms']:.0f} |"
             )
         lines.append("")
+        long_rows = [r for r in results["decode"] if "max_length" in r]
+        if long_rows:
+            lines += [
+                "| greedy decode (100M), a long max_length | cache buckets | fastest tok/s | fastest / stock "
+                "| fastest / the same at a tight max_length | step tok/s | step / bound |",
+                "|---|---|---|---|---|---|---|",
+            ]
+            for r in long_rows:
+                lines.append(
+                    f"| batch {r['batch']}, {r['prompt']}+{r['new_tokens']}, max_length {r['max_length']} | "
+                    f"{', '.join(map(str, r['buckets']))} | {r['fast_tokens_per_s']:.1f} | {r['fast_vs_stock']:.2f}x | "
+                    f"{r['fast_vs_tight_max_length']:.2f}x | {r['fast_step_tokens_per_s']:.1f} | "
+                    f"{r['fast_step_fraction_of_bound']:.0%} |"
+                )
+            lines.append("")
     if results.get("tokenizer"):
         lines += ["| tokenizer encode (5 MB) | threads | MB/s (median) | mismatched documents |", "|---|---|---|---|"]
         for r in results["tokenizer"]:
@@ -548,6 +607,12 @@ def main() -> int:
     p.add_argument("--new_tokens", type=int, default=64)
     p.add_argument("--no_compile", action="store_true", help="skip torch.compile (decode fast path, compiled step)")
     p.add_argument(
+        "--long_max_length",
+        type=int,
+        default=2048,
+        help="also time the fast path at batch 8 with a cache of this many positions (0: skip)",
+    )
+    p.add_argument(
         "--dtypes", default="fp32,bf16", help="training-step dtypes, comma-separated (bf16 is slow without AVX512-BF16)"
     )
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
@@ -580,7 +645,9 @@ def main() -> int:
     if "tokenizer" in todo:
         results["tokenizer"] = bench_tokenizer(max(args.repeats, 5))
     if "decode" in todo:
-        results["decode"] = bench_decode(args.preset, 32, args.new_tokens, args.repeats, not args.no_compile)
+        results["decode"] = bench_decode(
+            args.preset, 32, args.new_tokens, args.repeats, not args.no_compile, args.long_max_length
+        )
     if "train" in todo:
         dtypes = tuple(d.strip() for d in args.dtypes.split(",") if d.strip())
         if not dtypes or set(dtypes) - {"fp32", "bf16"}:

@@ -70,6 +70,13 @@ def test_steps_attend_over_cache_buckets(compile):
     assert small.keys.shape[2] == 64 and full.keys.shape[2] == 200
     assert small.keys.data_ptr() == full.keys.data_ptr()  # a view: written through, no second cache
     assert sorted(dec._steps) == [64, 200]
+    if not compile:  # the LM head sees the last position only, in the prefill (58 positions here) as in the steps
+        rows = []
+        hook = ours.lm_head.register_forward_hook(lambda mod, args, out: rows.append(tuple(args[0].shape)))
+        out = dec.generate(prompt, 3)
+        hook.remove()
+        assert rows == [(2, 1, ours.config.hidden_size)] * 3
+        assert torch.equal(out, stock_greedy(stock, prompt, 3))
 
 
 def test_eager_fast_decode_and_bf16():
