@@ -1,0 +1,256 @@
+/* Variants of the 8-row fp32 product y (8, N) = x (8, K) @ w (N, K)^T, against a read-only pass over the same
+   weights: what bounds modeling_llama/cpu_linear.py's kernel on a given CPU (benchmarks/RESULTS.md, "what bounds
+   the batch-8 step"). The weights are the 85 products of one decode step of the 100M preset (12 layers of
+   q, k, v, o 768x768, gate, up 2048x768, down 768x2048, and the 32000x768 head: 438 MB, far larger than any
+   cache), read in that order, as the step reads them.
+
+       cc -O3 -march=native -fopenmp benchmarks/cpu_linear_variants.c -o /tmp/variants
+       OMP_NUM_THREADS=2 /tmp/variants          # cold: GB/s of weights per variant, best of 5, 3 rounds
+       OMP_NUM_THREADS=1 /tmp/variants hot      # one core, the layers' products only, each re-reading the
+                                                # first N x K weights (<= 6.3 MB: from the last-level cache)
+
+   "kernel" is the loop of cpu_linear.py (one weight row, 8 input rows, one accumulator per row, a non-temporal
+   prefetch 4 KB ahead). Each variant's result is checked against it on the first products. */
+#include <immintrin.h>
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+typedef float v8 __attribute__((vector_size(32)));
+static inline v8 ld(const float* p) { v8 v; __builtin_memcpy(&v, p, sizeof v); return v; }
+static inline float hsum(v8 a) { float s = 0.f; for (int i = 0; i < 8; i++) s += a[i]; return s; }
+#define M 8
+#define PF 1024
+
+/* the thread's share of n0..n1 in steps of `step` columns */
+#define SPLIT(N, step)                                                                  \
+    int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();                       \
+    int64_t nb = (N) / (step), per = (nb + nt - 1) / nt;                                \
+    int64_t n0 = t * per * (step), n1 = (t * per + per < nb ? t * per + per : nb) * (step);
+
+typedef void (*fn)(const float* x, const float* w, int64_t N, int64_t K, float* y);
+
+static void read_only(const float* x, const float* w, int64_t N, int64_t K, float* y) {
+    (void)x;
+    #pragma omp parallel
+    {
+        SPLIT(N, 1)
+        v8 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+        for (int64_t i = n0 * K; i < n1 * K; i += 32) {
+            a0 += ld(w + i); a1 += ld(w + i + 8); a2 += ld(w + i + 16); a3 += ld(w + i + 24);
+        }
+        y[t] = hsum(a0 + a1 + a2 + a3);
+    }
+}
+
+static void kernel(const float* x, const float* w, int64_t N, int64_t K, float* y) {
+    #pragma omp parallel
+    {
+        SPLIT(N, 1)
+        for (int64_t n = n0; n < n1; n++) {
+            const float* wr = w + n * K;
+            v8 acc[M];
+            for (int m = 0; m < M; m++) acc[m] = (v8){0};
+            for (int64_t k = 0; k < K; k += 8) {
+                __builtin_prefetch(wr + k + PF, 0, 0);
+                v8 wv = ld(wr + k);
+                for (int m = 0; m < M; m++) acc[m] += wv * ld(x + m * K + k);
+            }
+            for (int m = 0; m < M; m++) y[m * N + n] = hsum(acc[m]);
+        }
+    }
+}
+
+/* NW weight rows x MX input rows of accumulators; the weight rows' block is re-read from L1 per group of MX */
+#define TILE(NAME, NW, MX)                                                                              \
+static void NAME(const float* x, const float* w, int64_t N, int64_t K, float* y) {                     \
+    _Pragma("omp parallel") {                                                                          \
+        SPLIT(N, NW)                                                                                   \
+        for (int64_t n = n0; n < n1; n += NW) {                                                        \
+            const float* wr = w + n * K;                                                               \
+            for (int m0 = 0; m0 < M; m0 += MX) {                                                       \
+                v8 acc[NW][MX];                                                                        \
+                for (int i = 0; i < NW; i++) for (int j = 0; j < MX; j++) acc[i][j] = (v8){0};         \
+                for (int64_t k = 0; k < K; k += 8) {                                                   \
+                    if (m0 == 0) for (int i = 0; i < NW; i++) __builtin_prefetch(wr + i * K + k + PF, 0, 0); \
+                    v8 wv[NW];                                                                         \
+                    for (int i = 0; i < NW; i++) wv[i] = ld(wr + i * K + k);                           \
+                    for (int j = 0; j < MX && m0 + j < M; j++) {                                       \
+                        v8 xv = ld(x + (m0 + j) * K + k);                                              \
+                        for (int i = 0; i < NW; i++) acc[i][j] += wv[i] * xv;                          \
+                    }                                                                                  \
+                }                                                                                      \
+                for (int i = 0; i < NW; i++) for (int j = 0; j < MX && m0 + j < M; j++)                \
+                    y[(m0 + j) * N + n + i] = hsum(acc[i][j]);                                         \
+            }                                                                                          \
+        }                                                                                              \
+    }                                                                                                  \
+}
+TILE(tile_4x2, 4, 2)
+TILE(tile_2x4, 2, 4)
+TILE(tile_3x4, 3, 4)
+TILE(tile_4x3, 4, 3)
+TILE(tile_2x8, 2, 8)
+
+/* K-blocked: 512 columns of the 8 input rows (16 KB) stay in L1; y accumulates over the blocks */
+#define KC 512
+static void kblock(const float* x, const float* w, int64_t N, int64_t K, float* y) {
+    if (K <= KC) { kernel(x, w, N, K, y); return; }
+    #pragma omp parallel
+    {
+        SPLIT(N, 1)
+        for (int64_t kc = 0; kc < K; kc += KC) {
+            int64_t ke = kc + KC < K ? kc + KC : K;
+            for (int64_t n = n0; n < n1; n++) {
+                const float* wr = w + n * K;
+                v8 acc[M];
+                for (int m = 0; m < M; m++) acc[m] = (v8){0};
+                for (int64_t k = kc; k < ke; k += 8) {
+                    __builtin_prefetch(wr + K + k, 0, 0);
+                    v8 wv = ld(wr + k);
+                    for (int m = 0; m < M; m++) acc[m] += wv * ld(x + m * K + k);
+                }
+                for (int m = 0; m < M; m++) y[m * N + n] = (kc ? y[m * N + n] : 0.f) + hsum(acc[m]);
+            }
+        }
+    }
+}
+
+/* input rows copied with a row stride of K + 16 floats (no 4 KB aliasing between rows) */
+static float XP[M * (4096 + 16)];
+static void padded(const float* x, const float* w, int64_t N, int64_t K, float* y) {
+    const int64_t S = K + 16;
+    for (int m = 0; m < M; m++) memcpy(XP + m * S, x + m * K, K * sizeof(float));
+    #pragma omp parallel
+    {
+        SPLIT(N, 1)
+        for (int64_t n = n0; n < n1; n++) {
+            const float* wr = w + n * K;
+            v8 acc[M];
+            for (int m = 0; m < M; m++) acc[m] = (v8){0};
+            for (int64_t k = 0; k < K; k += 8) {
+                __builtin_prefetch(wr + k + PF, 0, 0);
+                v8 wv = ld(wr + k);
+                for (int m = 0; m < M; m++) acc[m] += wv * ld(XP + m * S + k);
+            }
+            for (int m = 0; m < M; m++) y[m * N + n] = hsum(acc[m]);
+        }
+    }
+}
+
+/* weights repacked once into panels of 16 columns, P[n / 16][k][16]; a broadcast-FMA micro-kernel (the GEMM
+   form, no horizontal sums): 6 input rows x 2 vectors of accumulators, then the last 2 rows */
+static void panel16(const float* x, const float* P, int64_t N, int64_t K, float* y) {
+    #pragma omp parallel
+    {
+        SPLIT(N, 16)
+        for (int64_t n = n0; n < n1; n += 16) {
+            const float* pp = P + n * K;
+            __m256 c[6][2];
+            for (int i = 0; i < 6; i++) c[i][0] = c[i][1] = _mm256_setzero_ps();
+            for (int64_t k = 0; k < K; k++) {
+                const float* wk = pp + k * 16;
+                _mm_prefetch((const char*)(wk + 512), _MM_HINT_NTA);
+                __m256 w0 = _mm256_loadu_ps(wk), w1 = _mm256_loadu_ps(wk + 8);
+                for (int i = 0; i < 6; i++) {
+                    __m256 b = _mm256_broadcast_ss(x + i * K + k);
+                    c[i][0] = _mm256_fmadd_ps(b, w0, c[i][0]);
+                    c[i][1] = _mm256_fmadd_ps(b, w1, c[i][1]);
+                }
+            }
+            for (int i = 0; i < 6; i++) {
+                _mm256_storeu_ps(y + i * N + n, c[i][0]);
+                _mm256_storeu_ps(y + i * N + n + 8, c[i][1]);
+            }
+            __m256 d[2][2];
+            for (int i = 0; i < 2; i++) d[i][0] = d[i][1] = _mm256_setzero_ps();
+            for (int64_t k = 0; k < K; k++) {
+                const float* wk = pp + k * 16;
+                __m256 w0 = _mm256_loadu_ps(wk), w1 = _mm256_loadu_ps(wk + 8);
+                for (int i = 0; i < 2; i++) {
+                    __m256 b = _mm256_broadcast_ss(x + (6 + i) * K + k);
+                    d[i][0] = _mm256_fmadd_ps(b, w0, d[i][0]);
+                    d[i][1] = _mm256_fmadd_ps(b, w1, d[i][1]);
+                }
+            }
+            for (int i = 0; i < 2; i++) {
+                _mm256_storeu_ps(y + (6 + i) * N + n, d[i][0]);
+                _mm256_storeu_ps(y + (6 + i) * N + n + 8, d[i][1]);
+            }
+        }
+    }
+}
+
+static double now(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec + 1e-9 * t.tv_nsec; }
+
+int main(int argc, char** argv) {
+    const int hot = argc > 1 && !strcmp(argv[1], "hot");
+    enum { L = 12, H = 768, I = 2048, V = 32000 };  /* every N is a multiple of 16 */
+    const int64_t shapes[8][2] = {{H, H}, {H, H}, {H, H}, {H, H}, {I, H}, {I, H}, {H, I}, {V, H}};
+    int64_t total = (int64_t)V * H;
+    for (int l = 0; l < L; l++) for (int s = 0; s < 7; s++) total += shapes[s][0] * shapes[s][1];
+    float* W = aligned_alloc(64, total * 4);
+    float* P = aligned_alloc(64, total * 4);
+    float* X = aligned_alloc(64, M * 4096 * 4);
+    float* Y = aligned_alloc(64, M * V * 4);
+    float* R = aligned_alloc(64, M * V * 4);
+    if (!W || !P || !X || !Y || !R) { fprintf(stderr, "out of memory\n"); return 1; }
+    for (int64_t i = 0; i < total; i++) W[i] = (float)((i * 7919) % 13) * 0.01f - 0.06f;
+    for (int i = 0; i < M * 4096; i++) X[i] = (float)(i % 5) * 0.1f;
+    int64_t off = 0;  /* the 16-column panels of every product */
+    for (int l = 0; l <= L; l++)
+        for (int s = 0; s < (l == L ? 1 : 7); s++) {
+            const int64_t N = shapes[l == L ? 7 : s][0], K = shapes[l == L ? 7 : s][1];
+            for (int64_t n = 0; n < N; n++) for (int64_t k = 0; k < K; k++)
+                P[off + (n / 16) * K * 16 + k * 16 + n % 16] = W[off + n * K + k];
+            off += N * K;
+        }
+    const fn fns[] = {read_only, kernel, tile_4x2, tile_2x4, tile_3x4, tile_4x3, tile_2x8, kblock, padded, panel16};
+    const char* names[] = {"read only", "kernel", "tile 4x2", "tile 2x4", "tile 3x4", "tile 4x3", "tile 2x8",
+                           "K-blocked", "padded rows", "16-col panels"};
+    const int nf = sizeof fns / sizeof fns[0];
+    for (int f = 2; f < nf; f++) {  /* check each variant against the kernel on the first layer's products */
+        const float* base = fns[f] == panel16 ? P : W;
+        double worst = 0;
+        int64_t o = 0;
+        for (int s = 0; s < 7; s++) {
+            const int64_t N = shapes[s][0], K = shapes[s][1];
+            kernel(X, W + o, N, K, R);
+            fns[f](X, base + o, N, K, Y);
+            for (int64_t i = 0; i < M * N; i++) worst = fmax(worst, fabs(Y[i] - R[i]) / (1e-3 + fabs(R[i])));
+            o += N * K;
+        }
+        if (worst > 1e-3) { fprintf(stderr, "%s disagrees with the kernel (relative %g)\n", names[f], worst); return 1; }
+    }
+    printf("%s, %d threads, 85 products of 8 rows, %.0f MB of weights: GB/s of weights, best of 5\n",
+           hot ? "hot (each product re-reads the first N x K weights; no head)" : "cold", omp_get_max_threads(), total * 4e-6);
+    for (int round = 0; round < 3; round++) {
+        for (int f = 0; f < nf; f++) {
+            const float* base = fns[f] == panel16 ? P : W;
+            double best = 1e9;
+            for (int it = 0; it < 5; it++) {
+                const double t0 = now();
+                int64_t o = 0;
+                for (int l = 0; l <= L; l++) {
+                    for (int s = 0; s < (l == L ? 1 : 7) && !(hot && l == L); s++) {
+                        const int64_t N = shapes[l == L ? 7 : s][0], K = shapes[l == L ? 7 : s][1];
+                        if (hot) o = 0;  /* every product re-reads the first N x K weights (<= 6.3 MB); no head */
+                        fns[f](X, base + o, N, K, Y);
+                        o += N * K;
+                    }
+                }
+                const double dt = now() - t0;
+                best = dt < best ? dt : best;
+            }
+            const double bytes = hot ? 12.0 * (total - (int64_t)V * H) / L * 4 : total * 4.0;
+            printf("%s%-14s %6.1f", f ? "  " : "", names[f], bytes / best / 1e9);
+            if (f % 5 == 4 || f == nf - 1) printf("\n");
+        }
+        printf("\n");
+    }
+    return 0;
+}
