@@ -26,11 +26,12 @@ static inline float hsum(v8 a) { float s = 0.f; for (int i = 0; i < 8; i++) s +=
 #define M 8
 #define PF 1024
 
-/* the thread's share of n0..n1 in steps of `step` columns */
+/* the thread's share n0..n1 of the N columns, cut at multiples of `step` (the last thread takes the rest) */
 #define SPLIT(N, step)                                                                  \
     int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();                       \
     int64_t nb = (N) / (step), per = (nb + nt - 1) / nt;                                \
-    int64_t n0 = t * per * (step), n1 = (t * per + per < nb ? t * per + per : nb) * (step);
+    int64_t n0 = t * per * (step), n1 = (t * per + per < nb ? t * per + per : nb) * (step); \
+    if (t == nt - 1) n1 = (N);
 
 typedef void (*fn)(const float* x, const float* w, int64_t N, int64_t K, float* y);
 
@@ -70,7 +71,8 @@ static void kernel(const float* x, const float* w, int64_t N, int64_t K, float* 
 static void NAME(const float* x, const float* w, int64_t N, int64_t K, float* y) {                     \
     _Pragma("omp parallel") {                                                                          \
         SPLIT(N, NW)                                                                                   \
-        for (int64_t n = n0; n < n1; n += NW) {                                                        \
+        int64_t n = n0;                                                                                \
+        for (; n + NW <= n1; n += NW) {                                                                \
             const float* wr = w + n * K;                                                               \
             for (int m0 = 0; m0 < M; m0 += MX) {                                                       \
                 v8 acc[NW][MX];                                                                        \
@@ -88,6 +90,12 @@ static void NAME(const float* x, const float* w, int64_t N, int64_t K, float* y)
                     y[(m0 + j) * N + n + i] = hsum(acc[i][j]);                                         \
             }                                                                                          \
         }                                                                                              \
+        for (; n < n1; n++) /* the columns left over (N not a multiple of NW) */                      \
+            for (int m = 0; m < M; m++) {                                                              \
+                v8 a = {0};                                                                            \
+                for (int64_t k = 0; k < K; k += 8) a += ld(w + n * K + k) * ld(x + m * K + k);         \
+                y[m * N + n] = hsum(a);                                                                \
+            }                                                                                          \
     }                                                                                                  \
 }
 TILE(tile_4x2, 4, 2)

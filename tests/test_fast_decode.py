@@ -91,6 +91,19 @@ def test_eager_fast_decode_and_bf16():
     assert chosen_gap(stock.to(torch.bfloat16), prompt, out) <= 0.02
 
 
+def test_fast_decode_takes_a_stock_transformers_model():
+    """FastDecoder over stock ``transformers.LlamaForCausalLM`` (its own cache argument and ``logits_to_keep``),
+    across a cache-bucket switch: the tokens of the stock model's own ``generate()``."""
+    import copy
+
+    _, stock = twin_models(seed=11)
+    reference = copy.deepcopy(stock)
+    dec = FastDecoder(stock, batch_size=2, max_length=200, dtype=torch.float32, compile=False)
+    assert dec.buckets == (64, 200) and dec._extra == {"logits_to_keep": 1}
+    prompt = torch.randint(3, 512, (2, 58), generator=torch.Generator().manual_seed(11))
+    assert torch.equal(dec.generate(prompt, 12), stock_greedy(reference, prompt, 12))
+
+
 def test_compiled_bf16_batch_uses_frozen_matmuls_and_picks_the_bf16_argmax():
     ours, stock = twin_models(seed=8)
     torch._dynamo.reset()
