@@ -11,8 +11,9 @@ ratios, not absolute numbers). Writes benchmarks/results/cpu.{json,md}.
 - decode: greedy generation tokens/s at batch 1 and 8 and prefill latency, ours vs stock with the dynamic cache;
   our fastest path (static cache, ``torch.compile``d decode step; bf16 weights where the CPU computes bf16
   natively, else fp32): its whole ``generate`` (prefill + steps), its prefill alone and its steady step; each
-  against the memory-bandwidth bound (weight bytes per step / measured copy bandwidth); and the fast path at
-  batch 8 with a long cache (``--long_max_length``, default 2048).
+  against the memory-bandwidth bound (weight bytes per step / measured copy bandwidth); the fast path with
+  ``dtype=bfloat16`` where bf16 is not the CPU's default (half the weight bytes); and the fast path at batch 8 with
+  a long cache (``--long_max_length``, default 2048).
 - tokenizer: encode MB/s of ours (fast, slow) vs sentencepiece on the ~5 MB Shakespeare corpus, with mismatches.
 """
 
@@ -298,7 +299,13 @@ def copy_bandwidth(n_bytes: int = 1 << 29, repeats: int = 5) -> float:
 
 
 def bench_decode(
-    preset: str, prompt_len: int, new_tokens: int, repeats: int, compile: bool, long_max_length: int = 2048
+    preset: str,
+    prompt_len: int,
+    new_tokens: int,
+    repeats: int,
+    compile: bool,
+    long_max_length: int = 2048,
+    bf16_rows: bool = True,
 ) -> list[dict]:
     rows = []
     ours, stock = _twins(preset)
@@ -359,9 +366,25 @@ def bench_decode(
         gap = logits.max(-1).values - logits.gather(-1, out[..., None])[..., 0]
         row["fast_max_logit_gap_vs_eager"] = gap.max().item()
         row["fast_agreement_with_fp32_greedy"] = agree
-        rows.append(row)
         del fast_model, dec
         gc.collect()
+        if bf16_rows and row["fast_dtype"] != "bfloat16":
+            # the fast path with dtype=bfloat16 where the CPU has no bf16 arithmetic (half the weight memory): the
+            # bf16 products in cpu_linear's kernel at batch 2-16, inductor's upcasting loop at batch 1
+            bf16_model = copy.deepcopy(ours)
+            dec = FastDecoder(bf16_model, batch, prompt_len + new_tokens + 1, dtype=torch.bfloat16, compile=compile)
+            bf16 = _time_fast(dec, prompt, new_tokens, repeats, (n_params - emb) * 2)
+            row.update({k.replace("fast_", "fast_bf16_", 1): v for k, v in bf16.items()})
+            row["fast_bf16_vs_stock"] = med["stock"] / (batch * new_tokens / bf16["fast_tokens_per_s"])
+            with torch.no_grad():
+                out = dec.generate(prompt, new_tokens)
+                logits = bf16_model(torch.cat([prompt, out], 1)).logits[:, prompt_len - 1 : -1].float()
+            gap = logits.max(-1).values - logits.gather(-1, out[..., None])[..., 0]
+            row["fast_bf16_max_logit_gap_vs_eager"] = gap.max().item()  # vs the eager bf16 model's own argmax
+            row["fast_bf16_agreement_with_fp32_greedy"] = (out == ref[:, prompt_len:]).float().mean().item()
+            del bf16_model, dec
+            gc.collect()
+        rows.append(row)
     if long_max_length:
         # the same generation with the cache sized for a long conversation: the step attends over a prefix of the
         # static cache (buckets of 64, 128, ... positions), so it costs what a tight max_length costs
@@ -558,6 +581,25 @@ def to_markdown(meta: dict, results: dict) -> str:
                 f"{r['stock_prefill_ms']:.0f} / {r['ours_prefill_ms']:.0f} |"
             )
         lines.append("")
+        bf16_rows = [r for r in results["decode"] if "fast_bf16_tokens_per_s" in r]
+        if bf16_rows:
+            lines += [
+                "| greedy decode (100M), fastest path with `dtype=bfloat16` (bf16 emulated on this CPU) | tok/s "
+                "| / stock (fp32, dynamic cache) | / fastest in its default dtype | bound tok/s (bf16 weights) "
+                "| / bound | prefill ms | step tok/s | step / bound | tokens = fp32 greedy's | largest logit gap "
+                "vs the eager bf16 model |",
+                "|---|---|---|---|---|---|---|---|---|---|---|",
+            ]
+            for r in bf16_rows:
+                lines.append(
+                    f"| batch {r['batch']}, {r['prompt']}+{r['new_tokens']} | {r['fast_bf16_tokens_per_s']:.1f} | "
+                    f"{r['fast_bf16_vs_stock']:.2f}x | {r['fast_bf16_tokens_per_s'] / r['fast_tokens_per_s']:.2f}x | "
+                    f"{r['fast_bf16_bound_tokens_per_s']:.1f} | {r['fast_bf16_fraction_of_bound']:.0%} | "
+                    f"{r['fast_bf16_prefill_ms']:.0f} | {r['fast_bf16_step_tokens_per_s']:.1f} | "
+                    f"{r['fast_bf16_step_fraction_of_bound']:.0%} | "
+                    f"{r['fast_bf16_agreement_with_fp32_greedy']:.0%} | {r['fast_bf16_max_logit_gap_vs_eager']:.3f} |"
+                )
+            lines.append("")
         long_rows = [r for r in results["decode"] if "max_length" in r]
         if long_rows:
             lines += [
@@ -613,6 +655,11 @@ def main() -> int:
         help="also time the fast path at batch 8 with a cache of this many positions (0: skip)",
     )
     p.add_argument(
+        "--no_bf16_decode",
+        action="store_true",
+        help="skip the fast path with dtype=bfloat16 (timed where bf16 is not the CPU's default fast dtype)",
+    )
+    p.add_argument(
         "--dtypes", default="fp32,bf16", help="training-step dtypes, comma-separated (bf16 is slow without AVX512-BF16)"
     )
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
@@ -646,7 +693,13 @@ def main() -> int:
         results["tokenizer"] = bench_tokenizer(max(args.repeats, 5))
     if "decode" in todo:
         results["decode"] = bench_decode(
-            args.preset, 32, args.new_tokens, args.repeats, not args.no_compile, args.long_max_length
+            args.preset,
+            32,
+            args.new_tokens,
+            args.repeats,
+            not args.no_compile,
+            args.long_max_length,
+            not args.no_bf16_decode,
         )
     if "train" in todo:
         dtypes = tuple(d.strip() for d in args.dtypes.split(",") if d.strip())

@@ -1,4 +1,5 @@
-"""A float32 ``F.linear`` for a few rows (up to 16) on CPU that reads each weight once, at memory speed.
+"""An ``F.linear`` for a few rows (up to 16) on CPU that reads each weight once: float32, or bfloat16 weights
+summed in float32.
 
 Greedy decoding multiplies one row per sequence by every weight matrix: at batch 8 that is an (8, K) x (K, N)
 product, too thin for a BLAS. MKL (torch's fp32 BLAS) streams the weights of such a product at 4-7 GB/s on a
@@ -13,10 +14,15 @@ pool (it links the same ``libgomp``). Measured on the decode shapes of the ``100
 8-15 GB/s against MKL's 4-7 (one row reads ~15 at best); beyond ~16 rows the product is compute-bound and MKL's
 ``W @ xᵀ`` is faster, so :data:`MAX_ROWS` is 16.
 
+bfloat16 weights (with bf16 inputs) go through the same loop: each 8-weight piece is widened to float32 exactly
+(a zero-extend and a shift, shared by all the rows), the sums are float32, the output is rounded to bf16 once. On a
+CPU without bf16 arithmetic (AVX2) this reads half the bytes of the fp32 product, where torch's bf16 ``F.linear``
+is emulated by oneDNN at a fraction of fp32's speed.
+
 :func:`small_batch_linear` is a ``torch.library`` op, ``torch.ops.llama_hf.small_batch_linear``, so a compiled
-graph calls it as one opaque kernel; where the kernel cannot run (not fp32, not CPU, more than :data:`MAX_ROWS`
-rows, no C compiler, a failed build) it computes ``F.linear`` instead, so callers need no fallback of their own.
-:func:`available` says whether the kernel is there. ``LLAMA_CPU_LINEAR=0`` turns it off.
+graph calls it as one opaque kernel; where the kernel cannot run (not fp32 or bf16, mixed dtypes, not CPU, more
+than :data:`MAX_ROWS` rows, no C compiler, a failed build) it computes ``F.linear`` instead, so callers need no
+fallback of their own. :func:`available` says whether the kernel is there. ``LLAMA_CPU_LINEAR=0`` turns it off.
 """
 
 from __future__ import annotations
@@ -41,77 +47,115 @@ MAX_ROWS = 16  # beyond ~16 rows the products are compute-bound, and MKL's is fa
 
 _SOURCE = r"""
 #include <stdint.h>
+#include <string.h>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
 #ifdef _OPENMP
 #include <omp.h>
 #endif
 
 typedef float v8 __attribute__((vector_size(32)));
-#define PREFETCH_FLOATS 1024  /* 4 KB ahead of the weight row being read */
+typedef uint16_t u8x16 __attribute__((vector_size(16)));
+typedef uint32_t u8x32 __attribute__((vector_size(32)));
+#define PREFETCH_BYTES 4096  /* ahead of the weight row being read */
 
-static inline v8 ld(const float* p) { v8 v; __builtin_memcpy(&v, p, sizeof v); return v; }
+static inline v8 ld(const float* p) { v8 v; memcpy(&v, p, sizeof v); return v; }
 static inline float hsum(v8 a) { float s = 0.f; for (int i = 0; i < 8; i++) s += a[i]; return s; }
+
+/* bf16 -> fp32 is exact: the 16 bits become the high half of the float (a zero-extend and a shift) */
+static inline v8 ld_bf16(const uint16_t* p) {
+#ifdef __AVX2__
+    return (v8)_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16);
+#else
+    u8x16 h; memcpy(&h, p, sizeof h);
+    u8x32 u = __builtin_convertvector(h, u8x32) << 16;
+    v8 v; memcpy(&v, &u, sizeof v); return v;
+#endif
+}
+static inline float bf16_to_float(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
 
 /* y[0] = x . wr over K, one input row: four accumulators over k, so the adds do not wait on each other (no
    software prefetch: it did not help a single sequential stream). */
-static void row_1(const float* x, const float* wr, int64_t K, float* y, int64_t ldy) {
-    (void)ldy;
-    const int64_t K32 = K & ~(int64_t)31;
-    v8 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
-    for (int64_t k = 0; k < K32; k += 32) {
-        a0 += ld(wr + k) * ld(x + k);
-        a1 += ld(wr + k + 8) * ld(x + k + 8);
-        a2 += ld(wr + k + 16) * ld(x + k + 16);
-        a3 += ld(wr + k + 24) * ld(x + k + 24);
-    }
-    float s = hsum((a0 + a1) + (a2 + a3));
-    for (int64_t k = K32; k < K; k++) s += wr[k] * x[k];
-    y[0] = s;
+#define DEFINE_ROW_1(NAME, WT, LOADW, SCALARW)                                                              \
+static void NAME(const float* x, const WT* wr, int64_t K, float* y, int64_t ldy) {                          \
+    (void)ldy;                                                                                              \
+    const int64_t K32 = K & ~(int64_t)31;                                                                   \
+    v8 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};                                                              \
+    for (int64_t k = 0; k < K32; k += 32) {                                                                 \
+        a0 += LOADW(wr + k) * ld(x + k);                                                                    \
+        a1 += LOADW(wr + k + 8) * ld(x + k + 8);                                                            \
+        a2 += LOADW(wr + k + 16) * ld(x + k + 16);                                                          \
+        a3 += LOADW(wr + k + 24) * ld(x + k + 24);                                                          \
+    }                                                                                                       \
+    float s = hsum((a0 + a1) + (a2 + a3));                                                                  \
+    for (int64_t k = K32; k < K; k++) s += SCALARW(wr[k]) * x[k];                                           \
+    y[0] = s;                                                                                               \
 }
 
-/* y[m * ldy] = x[m] . wr for MM input rows: one accumulator per row; each 8-float piece of the weight row is
+/* y[m * ldy] = x[m] . wr for MM input rows: one accumulator per row; each 8-element piece of the weight row is
    loaded once for all of them. */
-#define DEFINE_ROW(MM)                                                                                      \
-static void row_##MM(const float* x, const float* wr, int64_t K, float* y, int64_t ldy) {                  \
-    const int64_t K8 = K & ~(int64_t)7;                                                                    \
-    v8 acc[MM];                                                                                            \
-    for (int m = 0; m < MM; m++) acc[m] = (v8){0};                                                         \
-    for (int64_t k = 0; k < K8; k += 8) {                                                                  \
-        __builtin_prefetch(wr + k + PREFETCH_FLOATS, 0, 0);                                                \
-        v8 wv = ld(wr + k);                                                                                \
-        for (int m = 0; m < MM; m++) acc[m] += wv * ld(x + m * K + k);                                     \
-    }                                                                                                      \
-    for (int m = 0; m < MM; m++) {                                                                         \
-        float s = hsum(acc[m]);                                                                            \
-        for (int64_t k = K8; k < K; k++) s += wr[k] * x[m * K + k];                                        \
-        y[m * ldy] = s;                                                                                    \
-    }                                                                                                      \
+#define DEFINE_ROW(NAME, MM, WT, LOADW, SCALARW)                                                            \
+static void NAME(const float* x, const WT* wr, int64_t K, float* y, int64_t ldy) {                          \
+    const int64_t K8 = K & ~(int64_t)7;                                                                     \
+    v8 acc[MM];                                                                                             \
+    for (int m = 0; m < MM; m++) acc[m] = (v8){0};                                                          \
+    for (int64_t k = 0; k < K8; k += 8) {                                                                   \
+        __builtin_prefetch(wr + k + PREFETCH_BYTES / sizeof(WT), 0, 0);                                     \
+        v8 wv = LOADW(wr + k);                                                                              \
+        for (int m = 0; m < MM; m++) acc[m] += wv * ld(x + m * K + k);                                      \
+    }                                                                                                       \
+    for (int m = 0; m < MM; m++) {                                                                          \
+        float s = hsum(acc[m]);                                                                             \
+        for (int64_t k = K8; k < K; k++) s += SCALARW(wr[k]) * x[m * K + k];                                \
+        y[m * ldy] = s;                                                                                     \
+    }                                                                                                       \
 }
-DEFINE_ROW(2) DEFINE_ROW(3) DEFINE_ROW(4) DEFINE_ROW(5) DEFINE_ROW(6) DEFINE_ROW(7) DEFINE_ROW(8)
 
-typedef void (*row_fn)(const float*, const float*, int64_t, float*, int64_t);
-static const row_fn ROW[9] = {0, row_1, row_2, row_3, row_4, row_5, row_6, row_7, row_8};
+#define SCALAR_F32(v) (v)
+DEFINE_ROW_1(f32_1, float, ld, SCALAR_F32)
+DEFINE_ROW(f32_2, 2, float, ld, SCALAR_F32) DEFINE_ROW(f32_3, 3, float, ld, SCALAR_F32)
+DEFINE_ROW(f32_4, 4, float, ld, SCALAR_F32) DEFINE_ROW(f32_5, 5, float, ld, SCALAR_F32)
+DEFINE_ROW(f32_6, 6, float, ld, SCALAR_F32) DEFINE_ROW(f32_7, 7, float, ld, SCALAR_F32)
+DEFINE_ROW(f32_8, 8, float, ld, SCALAR_F32)
+DEFINE_ROW_1(bf16_1, uint16_t, ld_bf16, bf16_to_float)
+DEFINE_ROW(bf16_2, 2, uint16_t, ld_bf16, bf16_to_float) DEFINE_ROW(bf16_3, 3, uint16_t, ld_bf16, bf16_to_float)
+DEFINE_ROW(bf16_4, 4, uint16_t, ld_bf16, bf16_to_float) DEFINE_ROW(bf16_5, 5, uint16_t, ld_bf16, bf16_to_float)
+DEFINE_ROW(bf16_6, 6, uint16_t, ld_bf16, bf16_to_float) DEFINE_ROW(bf16_7, 7, uint16_t, ld_bf16, bf16_to_float)
+DEFINE_ROW(bf16_8, 8, uint16_t, ld_bf16, bf16_to_float)
 
-/* y (M, N) = x (M, K) @ w (N, K)^T, all row-major and contiguous. The output columns (weight rows) are split
-   between the threads; each weight row is read from memory once and, for M > 8, reused from L1 by every group of
-   8 input rows. Returns 0, or -1 for M < 1. */
-int llama_small_batch_linear(const float* x, int64_t M, const float* w, int64_t N, int64_t K, float* y) {
-    if (M < 1) return -1;
-    #pragma omp parallel
-    {
+typedef void (*f32_fn)(const float*, const float*, int64_t, float*, int64_t);
+typedef void (*bf16_fn)(const float*, const uint16_t*, int64_t, float*, int64_t);
+static const f32_fn F32[9] = {0, f32_1, f32_2, f32_3, f32_4, f32_5, f32_6, f32_7, f32_8};
+static const bf16_fn BF16[9] = {0, bf16_1, bf16_2, bf16_3, bf16_4, bf16_5, bf16_6, bf16_7, bf16_8};
+
+/* y (M, N) = x (M, K) @ w (N, K)^T, all row-major and contiguous, x and y float32, w float32 or (the _bf16 entry)
+   bfloat16, accumulated in float32. The output columns (weight rows) are split between the threads; each weight
+   row is read from memory once and, for M > 8, reused from L1 by every group of 8 input rows. Return 0, or -1
+   for M < 1. */
+#define DEFINE_ENTRY(NAME, WT, TABLE)                                                                       \
+int NAME(const float* x, int64_t M, const WT* w, int64_t N, int64_t K, float* y) {                          \
+    if (M < 1) return -1;                                                                                   \
+    _Pragma("omp parallel")                                                                                 \
+    {                                                                                                       \
+        int64_t nt = 1, t = 0;  /* built without OpenMP: one thread */                                     \
+        THREADS(nt, t);                                                                                     \
+        const int64_t per = (N + nt - 1) / nt, n0 = t * per, n1 = n0 + per < N ? n0 + per : N;              \
+        for (int64_t n = n0; n < n1; n++)                                                                   \
+            for (int64_t m = 0; m < M; m += 8) {                                                            \
+                const int64_t rows = M - m < 8 ? M - m : 8;                                                 \
+                TABLE[rows](x + m * K, w + n * K, K, y + m * N + n, N);                                     \
+            }                                                                                               \
+    }                                                                                                       \
+    return 0;                                                                                               \
+}
 #ifdef _OPENMP
-        const int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
+#define THREADS(nt, t) (nt = omp_get_num_threads(), t = omp_get_thread_num())
 #else
-        const int64_t nt = 1, t = 0;  /* built without OpenMP: one thread */
+#define THREADS(nt, t) ((void)0)
 #endif
-        const int64_t per = (N + nt - 1) / nt, n0 = t * per, n1 = n0 + per < N ? n0 + per : N;
-        for (int64_t n = n0; n < n1; n++)
-            for (int64_t m = 0; m < M; m += 8) {
-                const int64_t rows = M - m < 8 ? M - m : 8;
-                ROW[rows](x + m * K, w + n * K, K, y + m * N + n, N);
-            }
-    }
-    return 0;
-}
+DEFINE_ENTRY(llama_small_batch_linear, float, F32)
+DEFINE_ENTRY(llama_small_batch_linear_bf16, uint16_t, BF16)
 """
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 _FLAGS_NO_OPENMP = [f for f in _FLAGS if f != "-fopenmp"]  # a compiler without OpenMP: one thread
@@ -159,48 +203,57 @@ def library_path() -> Path | None:
     return None
 
 
+_ENTRIES = {torch.float32: "llama_small_batch_linear", torch.bfloat16: "llama_small_batch_linear_bf16"}
+
+
 @functools.cache
-def _kernel():
+def _kernels() -> dict:
+    """The compiled entry points by weight dtype (empty where the kernel is off or could not be built)."""
     if os.environ.get(ENV_VAR, "1").strip().lower() in ("0", "false", "no", "off"):
-        return None
+        return {}
     path = library_path()
     if path is None:
-        return None
-    try:
-        fn = ctypes.CDLL(str(path)).llama_small_batch_linear
-    except (OSError, AttributeError):
-        return None
-    fn.restype = ctypes.c_int
+        return {}
+    kernels = {}
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    fn.argtypes = [ptr, i64, ptr, i64, i64, ptr]
-    return fn
+    try:
+        lib = ctypes.CDLL(str(path))
+        for dtype, name in _ENTRIES.items():
+            fn = getattr(lib, name)
+            fn.restype = ctypes.c_int
+            fn.argtypes = [ptr, i64, ptr, i64, i64, ptr]  # x, M, w, N, K, y
+            kernels[dtype] = fn
+    except (OSError, AttributeError):
+        return {}
+    return kernels
 
 
-def available() -> bool:
-    """Whether the compiled kernel is there (else :func:`small_batch_linear` computes ``F.linear``)."""
-    return _kernel() is not None
+def available(dtype: torch.dtype = torch.float32) -> bool:
+    """Whether the compiled kernel is there for weights of ``dtype`` (float32 or bfloat16); else
+    :func:`small_batch_linear` computes ``F.linear``."""
+    return dtype in _kernels()
 
 
 def _small_batch_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    fn = _kernel()
+    fn = _kernels().get(weight.dtype)
     if (
         fn is None
         or not 1 <= rows <= MAX_ROWS
         or x.device.type != "cpu"
         or weight.device.type != "cpu"
-        or x.dtype != torch.float32
-        or weight.dtype != torch.float32
+        or x.dtype != weight.dtype
         or weight.dim() != 2
         or weight.shape[1] != x.shape[-1]
     ):
         return F.linear(x, weight)
     n, k = weight.shape
-    x = x if x.is_contiguous() else x.contiguous()  # (..., K): read as (M, K); few Python calls, 85 a token
     w = weight if weight.is_contiguous() else weight.contiguous()  # (N, K)
+    # (..., K) read as (M, K) in float32: bf16 rows are upcast (exactly; a few KB); few Python calls, 85 a token
+    x32 = x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous()
     y = torch.empty(*x.shape[:-1], n, dtype=torch.float32)  # (..., N): written as (M, N)
-    fn(x.data_ptr(), rows, w.data_ptr(), n, k, y.data_ptr())  # returns -1 only for rows < 1
-    return y
+    fn(x32.data_ptr(), rows, w.data_ptr(), n, k, y.data_ptr())  # returns -1 only for rows < 1
+    return y if x.dtype == torch.float32 else y.to(x.dtype)  # bf16: the fp32 sums rounded once, to nearest even
 
 
 # A plain torch.library op (a Python kernel behind the dispatcher: ~16 us a call here, where
@@ -218,7 +271,8 @@ if not torch._C._dispatch_has_kernel("llama_hf::small_batch_linear"):  # define 
 
 
 def small_batch_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``F.linear(x, weight)`` (no bias) for ``x`` (..., K) with at most :data:`MAX_ROWS` rows, float32, on CPU,
-    through the streaming kernel; any other input (or no kernel) goes to ``F.linear``. The same as
-    ``torch.ops.llama_hf.small_batch_linear`` (no autograd: for inference)."""
+    """``F.linear(x, weight)`` (no bias) for ``x`` (..., K) with at most :data:`MAX_ROWS` rows on CPU, both float32
+    or both bfloat16 (summed in float32, rounded to bf16 once), through the streaming kernel; any other input (or
+    no kernel) goes to ``F.linear``. The same as ``torch.ops.llama_hf.small_batch_linear`` (no autograd: for
+    inference)."""
     return torch.ops.llama_hf.small_batch_linear(x, weight)

@@ -70,13 +70,18 @@ def native_bf16(device: torch.device | str) -> bool:
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
-# Set by FastDecoder around its eager prefill on CPU in fp32: the linears then run as ``W @ xᵀ``, which MKL computes
-# 1.1-1.9x faster than ``x @ Wᵀ`` for 32-256 rows on an AVX2 CPU (``benchmarks/RESULTS.md``).
+# Set by FastDecoder around its eager prefill on CPU: the linears then run as ``W @ xᵀ`` in fp32, which MKL computes
+# 1.1-1.9x faster than ``x @ Wᵀ`` for 32-256 rows on an AVX2 CPU (``benchmarks/RESULTS.md``); bf16 weights on a CPU
+# without bf16 arithmetic are upcast for it (oneDNN's emulated bf16 GEMM runs at ~1/6 of fp32's speed there).
 _PREFILL_WXT: contextvars.ContextVar[bool] = contextvars.ContextVar("llama_prefill_wxt", default=False)
 
 
 def _wxt(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    y = torch.mm(self.weight, x.reshape(-1, x.shape[-1]).t()).t()  # (N, K) @ (K, M) -> (M, N)
+    w, rows = self.weight, x.reshape(-1, x.shape[-1])
+    if w.dtype == torch.float32:
+        y = torch.mm(w, rows.t()).t()  # (N, K) @ (K, M) -> (M, N)
+    else:  # the same in fp32 (the upcast is exact), rounded back once
+        y = torch.mm(w.float(), rows.float().t()).t().to(x.dtype)
     if self.bias is not None:
         y = y + self.bias
     return y.reshape(*x.shape[:-1], -1)
@@ -93,8 +98,8 @@ def _small_batch_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tenso
 
 
 def _streaming_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """``F.linear`` that, while being compiled, calls :func:`cpu_linear.small_batch_linear` (fp32, up to
-    ``cpu_linear.MAX_ROWS`` rows on CPU: each weight read once, at memory speed)."""
+    """``F.linear`` that, while being compiled, calls :func:`cpu_linear.small_batch_linear` (fp32 or bf16 weights,
+    up to ``cpu_linear.MAX_ROWS`` rows on CPU: each weight read once)."""
     if torch.compiler.is_compiling():
         y = torch.ops.llama_hf.small_batch_linear(x, self.weight)
         return y if self.bias is None else y + self.bias
@@ -180,18 +185,27 @@ class FastDecoder:
         self._extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
         options = None
         linear_forward = None
+        emulated_bf16 = dtype == torch.bfloat16 and not native_bf16(self.device)  # CPUs without bf16 arithmetic
         if not self.cuda:
             model.config._attn_implementation = "eager"  # fused by inductor for a one-row query
             if batch_size == 1:
                 linear_forward = _gemv_linear_forward
-            elif dtype == torch.float32 and batch_size <= cpu_linear.MAX_ROWS and cpu_linear.available():
+            elif (
+                (dtype == torch.float32 or emulated_bf16)
+                and batch_size <= cpu_linear.MAX_ROWS
+                and cpu_linear.available(dtype)
+            ):
                 linear_forward = _streaming_linear_forward
             elif dtype == torch.float32:
                 linear_forward = _small_batch_linear_forward
             else:
                 options = {"freezing": True}  # weights become constants, pre-packed for oneDNN's GEMM
-        # the eager prefill's linears as W @ xᵀ (CPU, fp32: where the installed forwards read the flag)
-        self._prefill_wxt = linear_forward is not None and dtype == torch.float32
+        # the eager prefill's linears as W @ xᵀ in fp32 (CPU, fp32 or emulated bf16: where the installed forwards
+        # read the flag)
+        self._prefill_wxt = linear_forward is not None and (dtype == torch.float32 or emulated_bf16)
+        # and its attention through SDPA where bf16 is emulated: the eager attention's bf16 matmuls go to oneDNN's
+        # emulation there (8 x 32 prompt: 885 -> 604 ms for the whole prefill); the step keeps eager (compiled)
+        self._prefill_attn = "sdpa" if emulated_bf16 and not self.cuda else None
         for module in model.modules():
             if linear_forward is not None and isinstance(module, nn.Linear):
                 module.forward = linear_forward.__get__(module)
@@ -284,10 +298,14 @@ class FastDecoder:
         if len(self.buckets) > 1 and getattr(self.cache.layers[0], "is_initialized", False):
             prefill_cache = self._bucket_cache(next(b for b in self.buckets if b >= t))
         flag = _PREFILL_WXT.set(self._prefill_wxt)
+        config, step_attn = self.model.config, self.model.config._attn_implementation
+        if self._prefill_attn is not None:
+            config._attn_implementation = self._prefill_attn
         try:
             nxt = self._forward(input_ids, torch.arange(t, device=self.device), prefill_cache)  # prefill, eager
         finally:
             _PREFILL_WXT.reset(flag)
+            config._attn_implementation = step_attn
         tokens = [nxt]
         positions = torch.arange(t, t + max_new_tokens, device=self.device)
         i, n_steps = 0, max_new_tokens - 1  # step i feeds the token at position t + i

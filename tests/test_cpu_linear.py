@@ -1,5 +1,5 @@
-"""modeling_llama.cpu_linear: the streaming fp32 kernel for a few rows, against float64 products and F.linear. Its
-speed is shown in benchmarks/ (bench_cpu's decode table, batch 8)."""
+"""modeling_llama.cpu_linear: the streaming kernel for a few rows (fp32, and bf16 weights summed in fp32), against
+float64 products and F.linear. Its speed is shown in benchmarks/ (bench_cpu's decode table, batch 8)."""
 
 from __future__ import annotations
 
@@ -36,6 +36,21 @@ def test_matches_float64_product(rows):
         assert y.dtype == torch.float32 and y.shape == (rows, n)
         scale = (x.double().abs() @ w.double().abs().t()).max().item()
         assert (y.double() - ref).abs().max().item() <= 1e-6 * scale, (rows, n, k)
+
+
+@pytest.mark.skipif(not cpu_linear.available(torch.bfloat16), reason="no C compiler built the kernel")
+@pytest.mark.parametrize("rows", [1, 2, 8, 9, cpu_linear.MAX_ROWS])
+def test_bf16_weights_sum_in_float32(rows):
+    """bf16 x and weights: the product of their exact fp32 values, summed in fp32 and rounded to bf16 once (within
+    one bf16 rounding of the float64 product; F.linear's own bf16 result may differ by such a rounding)."""
+    g = torch.Generator().manual_seed(100 + rows)
+    for n, k in [(1, 1), (5, 7), (33, 8), (300, 37), (770, 768), (64, 2051)]:
+        x, w = torch.randn(rows, k, generator=g).bfloat16(), torch.randn(n, k, generator=g).bfloat16()
+        y = cpu_linear.small_batch_linear(x, w)
+        assert y.dtype == torch.bfloat16 and y.shape == (rows, n)
+        ref = x.double() @ w.double().t()
+        scale = (x.double().abs() @ w.double().abs().t()).max().item()
+        assert ((y.double() - ref).abs() <= 2**-8 * ref.abs() + 1e-6 * scale).all(), (rows, n, k)
 
 
 @needs_kernel
@@ -84,8 +99,10 @@ def test_other_inputs_go_to_f_linear():
     w = torch.randn(16, 24, generator=g)
     many = torch.randn(cpu_linear.MAX_ROWS + 1, 24, generator=g)  # more rows than the kernel takes
     assert torch.equal(cpu_linear.small_batch_linear(many, w), F.linear(many, w))
-    xb, wb = torch.randn(2, 24, generator=g).bfloat16(), w.bfloat16()
-    assert torch.equal(cpu_linear.small_batch_linear(xb, wb), F.linear(xb, wb))
+    xh, wh = torch.randn(2, 24, generator=g).half(), w.half()  # float16: not the kernel's
+    assert torch.equal(cpu_linear.small_batch_linear(xh, wh), F.linear(xh, wh))
+    with pytest.raises(RuntimeError):  # mixed dtypes: F.linear's own error
+        cpu_linear.small_batch_linear(torch.randn(2, 24, generator=g), w.bfloat16())
     empty = torch.randn(0, 24)
     assert cpu_linear.small_batch_linear(empty, w).shape == (0, 16)
     with pytest.raises(RuntimeError):  # K disagrees: F.linear's own error

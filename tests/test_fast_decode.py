@@ -33,7 +33,7 @@ def test_compiled_fast_decode_matches_stock_generate(batch, kernel, monkeypatch)
     if kernel and not fd.cpu_linear.available():
         pytest.skip("no C compiler built cpu_linear's kernel")
     if not kernel:
-        monkeypatch.setattr(fd.cpu_linear, "available", lambda: False)
+        monkeypatch.setattr(fd.cpu_linear, "available", lambda dtype=torch.float32: False)
     ours, stock = twin_models(seed=batch)
     torch._dynamo.reset()
     dec = FastDecoder(ours, batch_size=batch, max_length=PROMPT + NEW + 3, dtype=torch.float32)
@@ -104,13 +104,25 @@ def test_fast_decode_takes_a_stock_transformers_model():
     assert torch.equal(dec.generate(prompt, 12), stock_greedy(reference, prompt, 12))
 
 
-def test_compiled_bf16_batch_uses_frozen_matmuls_and_picks_the_bf16_argmax():
+@pytest.mark.parametrize("native", [True, False])
+def test_compiled_bf16_batch_picks_the_bf16_argmax(monkeypatch, native):
+    """bf16 at batch 3: frozen matmuls where the CPU computes bf16 natively; elsewhere cpu_linear's bf16 kernel in
+    the step and fp32 products (upcast) with SDPA in the prefill. Each token is the bf16 model's argmax."""
+    import modeling_llama.fast_decode as fd
+
+    monkeypatch.setattr(fd, "native_bf16", lambda device: native)
+    kernel = not native and fd.cpu_linear.available(torch.bfloat16)
     ours, stock = twin_models(seed=8)
     torch._dynamo.reset()
     dec = FastDecoder(ours, batch_size=3, max_length=PROMPT + NEW, dtype=torch.bfloat16)
+    assert dec._prefill_attn == (None if native else "sdpa") and dec._prefill_wxt is kernel
     prompt = torch.randint(3, 512, (3, PROMPT), generator=torch.Generator().manual_seed(8))
     out = dec.generate(prompt, NEW)
     assert chosen_gap(stock.to(torch.bfloat16), prompt, out) <= 0.02
+    assert ours.config._attn_implementation == "eager"  # the prefill's SDPA is undone for the steps
+    with torch.profiler.profile() as prof:
+        dec.generate(prompt, 3)
+    assert ("llama_hf::small_batch_linear" in {e.key for e in prof.key_averages()}) == kernel
 
 
 @pytest.mark.parametrize("native", [True, False])
