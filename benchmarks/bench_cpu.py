@@ -374,7 +374,7 @@ def bench_decode(
             bf16_model = copy.deepcopy(ours)
             dec = FastDecoder(bf16_model, batch, prompt_len + new_tokens + 1, dtype=torch.bfloat16, compile=compile)
             bf16 = _time_fast(dec, prompt, new_tokens, repeats, (n_params - emb) * 2)
-            row.update({k.replace("fast_", "fast_bf16_", 1): v for k, v in bf16.items()})
+            row.update({"fast_bf16_" + k.removeprefix("fast_"): v for k, v in bf16.items()})
             row["fast_bf16_vs_stock"] = med["stock"] / (batch * new_tokens / bf16["fast_tokens_per_s"])
             with torch.no_grad():
                 out = dec.generate(prompt, new_tokens)

@@ -9,6 +9,8 @@
        OMP_NUM_THREADS=1 /tmp/variants hot      # one core, the layers' products only, each re-reading the
                                                 # first N x K weights (<= 6.3 MB: from the last-level cache)
 
+   "bf16 weights" is the kernel's bf16 entry (the same loop, each 8-weight piece widened to fp32): its GB/s count
+   bf16 bytes, half of fp32's for the same products; both print their time too.
    "kernel" is the loop of cpu_linear.py (one weight row, 8 input rows, one accumulator per row, a non-temporal
    prefetch 4 KB ahead). Each variant's result is checked against it on the first products. */
 #include <immintrin.h>
@@ -193,6 +195,29 @@ static void panel16(const float* x, const float* P, int64_t N, int64_t K, float*
     }
 }
 
+/* bf16 weights (the kernel's bf16 entry): each 8-weight piece widened to fp32 exactly, sums in fp32 */
+static inline v8 ld_bf16(const uint16_t* p) {
+    return (v8)_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16);
+}
+static void kernel_bf16(const float* x, const float* w_as_float, int64_t N, int64_t K, float* y) {
+    const uint16_t* w = (const uint16_t*)w_as_float;  /* (N, K) bf16, passed through the common signature */
+    #pragma omp parallel
+    {
+        SPLIT(N, 1)
+        for (int64_t n = n0; n < n1; n++) {
+            const uint16_t* wr = w + n * K;
+            v8 acc[M];
+            for (int m = 0; m < M; m++) acc[m] = (v8){0};
+            for (int64_t k = 0; k < K; k += 8) {
+                __builtin_prefetch(wr + k + 2 * PF, 0, 0);  /* 4 KB ahead */
+                v8 wv = ld_bf16(wr + k);
+                for (int m = 0; m < M; m++) acc[m] += wv * ld(x + m * K + k);
+            }
+            for (int m = 0; m < M; m++) y[m * N + n] = hsum(acc[m]);
+        }
+    }
+}
+
 static double now(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec + 1e-9 * t.tv_nsec; }
 
 int main(int argc, char** argv) {
@@ -203,12 +228,14 @@ int main(int argc, char** argv) {
     for (int l = 0; l < L; l++) for (int s = 0; s < 7; s++) total += shapes[s][0] * shapes[s][1];
     float* W = aligned_alloc(64, total * 4);
     float* P = aligned_alloc(64, total * 4);
+    uint16_t* B = aligned_alloc(64, total * 2);  /* the weights rounded to bf16 (truncated: any bf16 values do) */
     float* X = aligned_alloc(64, M * 4096 * 4);
     float* Y = aligned_alloc(64, M * V * 4);
     float* R = aligned_alloc(64, M * V * 4);
-    if (!W || !P || !X || !Y || !R) { fprintf(stderr, "out of memory\n"); return 1; }
+    if (!W || !P || !B || !X || !Y || !R) { fprintf(stderr, "out of memory\n"); return 1; }
     for (int64_t i = 0; i < total; i++) W[i] = (float)((i * 7919) % 13) * 0.01f - 0.06f;
     for (int i = 0; i < M * 4096; i++) X[i] = (float)(i % 5) * 0.1f;
+    for (int64_t i = 0; i < total; i++) { uint32_t u; memcpy(&u, &W[i], 4); B[i] = (uint16_t)(u >> 16); }
     int64_t off = 0;  /* the 16-column panels of every product */
     for (int l = 0; l <= L; l++)
         for (int s = 0; s < (l == L ? 1 : 7); s++) {
@@ -217,11 +244,13 @@ int main(int argc, char** argv) {
                 P[off + (n / 16) * K * 16 + k * 16 + n % 16] = W[off + n * K + k];
             off += N * K;
         }
-    const fn fns[] = {read_only, kernel, tile_4x2, tile_2x4, tile_3x4, tile_4x3, tile_2x8, kblock, padded, panel16};
+    const fn fns[] = {read_only, kernel, tile_4x2, tile_2x4, tile_3x4, tile_4x3, tile_2x8, kblock, padded, panel16,
+                      kernel_bf16};
     const char* names[] = {"read only", "kernel", "tile 4x2", "tile 2x4", "tile 3x4", "tile 4x3", "tile 2x8",
-                           "K-blocked", "padded rows", "16-col panels"};
+                           "K-blocked", "padded rows", "16-col panels", "bf16 weights"};
     const int nf = sizeof fns / sizeof fns[0];
     for (int f = 2; f < nf; f++) {  /* check each variant against the kernel on the first layer's products */
+        if (fns[f] == kernel_bf16) continue;  /* other weights (rounded): checked in tests/test_cpu_linear.py */
         const float* base = fns[f] == panel16 ? P : W;
         double worst = 0;
         int64_t o = 0;
@@ -239,6 +268,7 @@ int main(int argc, char** argv) {
     for (int round = 0; round < 3; round++) {
         for (int f = 0; f < nf; f++) {
             const float* base = fns[f] == panel16 ? P : W;
+            const int half = fns[f] == kernel_bf16;  /* bf16: offsets in halves, half the bytes */
             double best = 1e9;
             for (int it = 0; it < 5; it++) {
                 const double t0 = now();
@@ -247,15 +277,17 @@ int main(int argc, char** argv) {
                     for (int s = 0; s < (l == L ? 1 : 7) && !(hot && l == L); s++) {
                         const int64_t N = shapes[l == L ? 7 : s][0], K = shapes[l == L ? 7 : s][1];
                         if (hot) o = 0;  /* every product re-reads the first N x K weights (<= 6.3 MB); no head */
-                        fns[f](X, base + o, N, K, Y);
+                        fns[f](X, half ? (const float*)(B + o) : base + o, N, K, Y);
                         o += N * K;
                     }
                 }
                 const double dt = now() - t0;
                 best = dt < best ? dt : best;
             }
-            const double bytes = hot ? 12.0 * (total - (int64_t)V * H) / L * 4 : total * 4.0;
+            const double bytes = (hot ? 12.0 * (total - (int64_t)V * H) / L * 4 : total * 4.0) / (half ? 2 : 1);
             printf("%s%-14s %6.1f", f ? "  " : "", names[f], bytes / best / 1e9);
+            if (half) printf(" (%.1f ms; GB/s of bf16)", best * 1e3);
+            if (f == 1) printf(" (%.1f ms)", best * 1e3);
             if (f % 5 == 4 || f == nf - 1) printf("\n");
         }
         printf("\n");
