@@ -1,0 +1,44 @@
+"""benchmarks/bench_cpu.py's tables, rendered from raw results it wrote on real runs (results/cpu-avx2/*.json):
+every row the JSON holds reaches the markdown with its numbers, old files (written before newer columns) included.
+The benchmarks themselves take minutes and are not run here."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+from conftest import REPO_ROOT
+
+RESULTS = REPO_ROOT / "benchmarks" / "results" / "cpu-avx2"
+
+
+def bench_cpu():
+    spec = importlib.util.spec_from_file_location("bench_cpu", REPO_ROOT / "benchmarks" / "bench_cpu.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    "name", ["decode_bf16_kernel.json", "decode_prefill_last_logits.json", "decode_cpu_linear_run2.json"]
+)
+def test_decode_tables_render_every_row(name):
+    raw = json.loads((RESULTS / name).read_text())
+    md = bench_cpu().to_markdown(raw["meta"], raw["results"])
+    rows = raw["results"]["decode"]
+    for r in rows:
+        if "max_length" in r:  # the long-cache table
+            line = next(x for x in md.splitlines() if f"max_length {r['max_length']} |" in x)
+            assert f"| {r['fast_tokens_per_s']:.1f} | {r['fast_vs_stock']:.2f}x |" in line
+            continue
+        line = next(x for x in md.splitlines() if x.startswith(f"| batch {r['batch']}, {r['prompt']}+"))
+        assert f"| {r['stock_tokens_per_s']:.1f} | {r['ours_tokens_per_s']:.1f} | {r['ratio']:.2f}x |" in line
+        assert f"| {r['fast_fraction_of_bound']:.0%} |" in line
+        if "fast_step_fraction_of_bound" in r:
+            assert f"| {r['fast_step_fraction_of_bound']:.0%} |" in line
+        if "fast_bf16_tokens_per_s" in r:
+            bf16 = [x for x in md.splitlines() if x.startswith(f"| batch {r['batch']}, ")][1]
+            assert f"| {r['fast_bf16_tokens_per_s']:.1f} | {r['fast_bf16_vs_stock']:.2f}x |" in bf16
+    if all("fast_step_fraction_of_bound" in r for r in rows):  # a file from the current script: every cell filled
+        assert "nan" not in md
