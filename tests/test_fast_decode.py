@@ -91,6 +91,22 @@ def test_eager_fast_decode_and_bf16():
     assert chosen_gap(stock.to(torch.bfloat16), prompt, out) <= 0.02
 
 
+def test_emulated_bf16_across_cache_buckets(monkeypatch):
+    """bf16 where the CPU has no bf16 arithmetic, prompt in the 64-position bucket, steps crossing into the full
+    cache: the SDPA prefill writes the bucket's view, and each token is the bf16 model's argmax."""
+    import modeling_llama.fast_decode as fd
+
+    monkeypatch.setattr(fd, "native_bf16", lambda device: False)
+    ours, stock = twin_models(seed=12)
+    dec = FastDecoder(ours, batch_size=2, max_length=200, dtype=torch.bfloat16, compile=False)
+    assert dec.buckets == (64, 200) and dec._prefill_attn == "sdpa"
+    for seed in (0, 1):
+        prompt = torch.randint(3, 512, (2, 58), generator=torch.Generator().manual_seed(seed))
+        out = dec.generate(prompt, 12)  # positions 58..69: bucket 64, then 200
+        assert chosen_gap(stock.to(torch.bfloat16), prompt, out) <= 0.02
+    assert ours.config._attn_implementation == "eager"
+
+
 def test_fast_decode_takes_a_stock_transformers_model():
     """FastDecoder over stock ``transformers.LlamaForCausalLM`` (its own cache argument and ``logits_to_keep``),
     across a cache-bucket switch: the tokens of the stock model's own ``generate()``."""
