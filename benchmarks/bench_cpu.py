@@ -346,60 +346,43 @@ def bench_decode(
         # the fastest path: static cache + compiled step (bf16 weights where native, else fp32)
         from modeling_llama import FastDecoder, cpu_linear
 
-        fast_model = copy.deepcopy(ours)
-        dec = FastDecoder(fast_model, batch, prompt_len + new_tokens + 1, compile=compile)
-        weight_bytes = (n_params - emb) * dec.dtype.itemsize  # the embedding table is gathered, not streamed
-        row.update(_time_fast(dec, prompt, new_tokens, repeats, weight_bytes))
-        row["fast_vs_stock"] = med["stock"] / (batch * new_tokens / row["fast_tokens_per_s"])
+        streamed = n_params - emb  # parameters each step reads (the embedding table is gathered, not streamed)
+        dec = FastDecoder(copy.deepcopy(ours), batch, prompt_len + new_tokens + 1, compile=compile)
+        row.update(_time_fast(dec, prompt, new_tokens, repeats, streamed, reference=ref[:, prompt_len:]))
+        row["fast_vs_stock"] = row["fast_tokens_per_s"] / row["stock_tokens_per_s"]
         # what the step streams, against a bare F.linear at batch 1 over the same bytes in the same dtype (the
         # kernel eager decoding runs; the fast path's compiled GEMV replaces it at batch 1)
+        weight_bytes = streamed * dec.dtype.itemsize
         row["linear_gemv_GBps"] = linear_rate(weight_bytes, dec.dtype) / 1e9  # one row
         row["linear_rows_GBps"] = linear_rate(weight_bytes, dec.dtype, batch) / 1e9  # the step's rows
         if dec.dtype == torch.float32 and cpu_linear.available():
             row["cpu_linear_rows_GBps"] = linear_rate(weight_bytes, dec.dtype, batch, kernel=True) / 1e9
-        with torch.no_grad():
-            out = dec.generate(prompt, new_tokens)
-            agree = (out == ref[:, prompt_len:]).float().mean().item()
-            # each token the fast path chose is the argmax of the eager model's logits in its dtype (teacher-forced
-            # on the fast path's own tokens), up to rounding between kernels
-            logits = fast_model(torch.cat([prompt, out], 1)).logits[:, prompt_len - 1 : -1].float()
-        gap = logits.max(-1).values - logits.gather(-1, out[..., None])[..., 0]
-        row["fast_max_logit_gap_vs_eager"] = gap.max().item()
-        row["fast_agreement_with_fp32_greedy"] = agree
-        del fast_model, dec
+        del dec
         gc.collect()
         if bf16_rows and row["fast_dtype"] != "bfloat16":
             # the fast path with dtype=bfloat16 where the CPU has no bf16 arithmetic (half the weight memory): the
             # bf16 products in cpu_linear's kernel at batch 2-16, inductor's upcasting loop at batch 1
-            bf16_model = copy.deepcopy(ours)
-            dec = FastDecoder(bf16_model, batch, prompt_len + new_tokens + 1, dtype=torch.bfloat16, compile=compile)
-            bf16 = _time_fast(dec, prompt, new_tokens, repeats, (n_params - emb) * 2)
+            dec = FastDecoder(
+                copy.deepcopy(ours), batch, prompt_len + new_tokens + 1, dtype=torch.bfloat16, compile=compile
+            )
+            bf16 = _time_fast(dec, prompt, new_tokens, repeats, streamed, reference=ref[:, prompt_len:])
             row.update({"fast_bf16_" + k.removeprefix("fast_"): v for k, v in bf16.items()})
-            row["fast_bf16_vs_stock"] = med["stock"] / (batch * new_tokens / bf16["fast_tokens_per_s"])
-            with torch.no_grad():
-                out = dec.generate(prompt, new_tokens)
-                logits = bf16_model(torch.cat([prompt, out], 1)).logits[:, prompt_len - 1 : -1].float()
-            gap = logits.max(-1).values - logits.gather(-1, out[..., None])[..., 0]
-            row["fast_bf16_max_logit_gap_vs_eager"] = gap.max().item()  # vs the eager bf16 model's own argmax
-            row["fast_bf16_agreement_with_fp32_greedy"] = (out == ref[:, prompt_len:]).float().mean().item()
-            del bf16_model, dec
+            row["fast_bf16_vs_stock"] = bf16["fast_tokens_per_s"] / row["stock_tokens_per_s"]
+            del dec
             gc.collect()
         rows.append(row)
     if long_max_length:
         # the same generation with the cache sized for a long conversation: the step attends over a prefix of the
         # static cache (buckets of 64, 128, ... positions), so it costs what a tight max_length costs
-        from modeling_llama import FastDecoder
-
         batch = 8
         tight = next(r for r in rows if r["batch"] == batch)
         torch.manual_seed(1)
         prompt = torch.randint(3, ours.config.vocab_size, (batch, prompt_len))
         dec = FastDecoder(copy.deepcopy(ours), batch, long_max_length, compile=compile)
-        weight_bytes = (n_params - emb) * dec.dtype.itemsize
         row = {"bench": "greedy decode", "batch": batch, "prompt": prompt_len, "new_tokens": new_tokens}
         row["max_length"] = long_max_length
         row["buckets"] = list(dec.buckets)
-        row.update(_time_fast(dec, prompt, new_tokens, repeats, weight_bytes))
+        row.update(_time_fast(dec, prompt, new_tokens, repeats, n_params - emb))
         row["stock_tokens_per_s"] = tight["stock_tokens_per_s"]  # the dynamic cache has no max_length
         row["fast_vs_stock"] = row["fast_tokens_per_s"] / tight["stock_tokens_per_s"]
         row["fast_vs_tight_max_length"] = row["fast_tokens_per_s"] / tight["fast_tokens_per_s"]
@@ -409,9 +392,10 @@ def bench_decode(
     return rows
 
 
-def _time_fast(dec, prompt: torch.Tensor, new_tokens: int, repeats: int, weight_bytes: int) -> dict:
+def _time_fast(dec, prompt: torch.Tensor, new_tokens: int, repeats: int, streamed_params: int, reference=None) -> dict:
     """Tokens/s of ``dec.generate`` (prefill + steps), its prefill alone (``generate`` of one token) and its steady
-    step, each against the bandwidth bound measured just before it."""
+    step, each against the bandwidth bound measured just before it (``streamed_params`` read once a step, in the
+    decoder's dtype); with ``reference`` (the fp32 greedy tokens, (B, new_tokens)), also how its tokens compare."""
     batch = prompt.shape[0]
     t0 = time.perf_counter()
     dec.generate(prompt, new_tokens)  # compiles
@@ -431,6 +415,7 @@ def _time_fast(dec, prompt: torch.Tensor, new_tokens: int, repeats: int, weight_
         pre.append(time.perf_counter() - t0)
     steps = [(g - p) / (new_tokens - 1) for g, p in zip(gen, pre)]  # seconds per step after the prefill
     bw = statistics.median(bws)
+    weight_bytes = streamed_params * dec.dtype.itemsize
     row["fast_dtype"] = str(dec.dtype).removeprefix("torch.")
     row["fast_tokens_per_s"] = batch * new_tokens / statistics.median(gen)
     row["fast_prefill_ms"] = 1e3 * statistics.median(pre)
@@ -450,6 +435,16 @@ def _time_fast(dec, prompt: torch.Tensor, new_tokens: int, repeats: int, weight_
     row["fast_fraction_of_bound_runs"] = fractions
     row["fast_step_fraction_of_bound"] = statistics.median(step_fractions)
     row["fast_step_fraction_of_bound_runs"] = step_fractions
+    if reference is not None:
+        with torch.no_grad():
+            out = dec.generate(prompt, new_tokens)
+            # each token the fast path chose is the argmax of the eager model's logits in its dtype (teacher-forced
+            # on the fast path's own tokens), up to rounding between kernels
+            ids = torch.cat([prompt, out], 1)
+            logits = dec.model(ids).logits[:, prompt.shape[1] - 1 : -1].float()
+        gap = logits.max(-1).values - logits.gather(-1, out[..., None])[..., 0]
+        row["fast_max_logit_gap_vs_eager"] = gap.max().item()
+        row["fast_agreement_with_fp32_greedy"] = (out == reference).float().mean().item()
     return row
 
 

@@ -50,7 +50,8 @@ static void read_only(const float* x, const float* w, int64_t N, int64_t K, floa
     }
 }
 
-static void kernel(const float* x, const float* w, int64_t N, int64_t K, float* y) {
+/* the kernel's loop, the input rows S floats apart */
+static void kernel_strided(const float* x, int64_t S, const float* w, int64_t N, int64_t K, float* y) {
     #pragma omp parallel
     {
         SPLIT(N, 1)
@@ -61,12 +62,14 @@ static void kernel(const float* x, const float* w, int64_t N, int64_t K, float* 
             for (int64_t k = 0; k < K; k += 8) {
                 __builtin_prefetch(wr + k + PF, 0, 0);
                 v8 wv = ld(wr + k);
-                for (int m = 0; m < M; m++) acc[m] += wv * ld(x + m * K + k);
+                for (int m = 0; m < M; m++) acc[m] += wv * ld(x + m * S + k);
             }
             for (int m = 0; m < M; m++) y[m * N + n] = hsum(acc[m]);
         }
     }
 }
+
+static void kernel(const float* x, const float* w, int64_t N, int64_t K, float* y) { kernel_strided(x, K, w, N, K, y); }
 
 /* NW weight rows x MX input rows of accumulators; the weight rows' block is re-read from L1 per group of MX */
 #define TILE(NAME, NW, MX)                                                                              \
@@ -135,21 +138,7 @@ static float XP[M * (4096 + 16)];
 static void padded(const float* x, const float* w, int64_t N, int64_t K, float* y) {
     const int64_t S = K + 16;
     for (int m = 0; m < M; m++) memcpy(XP + m * S, x + m * K, K * sizeof(float));
-    #pragma omp parallel
-    {
-        SPLIT(N, 1)
-        for (int64_t n = n0; n < n1; n++) {
-            const float* wr = w + n * K;
-            v8 acc[M];
-            for (int m = 0; m < M; m++) acc[m] = (v8){0};
-            for (int64_t k = 0; k < K; k += 8) {
-                __builtin_prefetch(wr + k + PF, 0, 0);
-                v8 wv = ld(wr + k);
-                for (int m = 0; m < M; m++) acc[m] += wv * ld(XP + m * S + k);
-            }
-            for (int m = 0; m < M; m++) y[m * N + n] = hsum(acc[m]);
-        }
-    }
+    kernel_strided(XP, S, w, N, K, y);
 }
 
 /* weights repacked once into panels of 16 columns, P[n / 16][k][16]; a broadcast-FMA micro-kernel (the GEMM

@@ -56,8 +56,8 @@ _SOURCE = r"""
 #endif
 
 typedef float v8 __attribute__((vector_size(32)));
-typedef uint16_t u8x16 __attribute__((vector_size(16)));
-typedef uint32_t u8x32 __attribute__((vector_size(32)));
+typedef uint16_t u16x8 __attribute__((vector_size(16)));  /* 8 bf16 */
+typedef uint32_t u32x8 __attribute__((vector_size(32)));
 #define PREFETCH_BYTES 4096  /* ahead of the weight row being read */
 
 static inline v8 ld(const float* p) { v8 v; memcpy(&v, p, sizeof v); return v; }
@@ -68,8 +68,8 @@ static inline v8 ld_bf16(const uint16_t* p) {
 #ifdef __AVX2__
     return (v8)_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16);
 #else
-    u8x16 h; memcpy(&h, p, sizeof h);
-    u8x32 u = __builtin_convertvector(h, u8x32) << 16;
+    u16x8 h; memcpy(&h, p, sizeof h);
+    u32x8 u = __builtin_convertvector(h, u32x8) << 16;
     v8 v; memcpy(&v, &u, sizeof v); return v;
 #endif
 }

@@ -207,7 +207,7 @@ class FastDecoder:
         self._prefill_wxt = linear_forward is not None and (dtype == torch.float32 or emulated_bf16)
         # and its attention through SDPA where bf16 is emulated: the eager attention's bf16 matmuls go to oneDNN's
         # emulation there (8 x 32 prompt: 885 -> 604 ms for the whole prefill); the step keeps eager (compiled)
-        self._prefill_attn = "sdpa" if emulated_bf16 and not self.cuda else None
+        self._prefill_attn = "sdpa" if emulated_bf16 else None  # (never on CUDA: native_bf16 there)
         for module in model.modules():
             if linear_forward is not None and isinstance(module, nn.Linear):
                 module.forward = linear_forward.__get__(module)
