@@ -14,6 +14,7 @@ from conftest import REPO_ROOT, run_python_json
 from modeling_llama import cpu_linear
 
 has_cc = any(shutil.which(c) for c in (os.environ.get("CC"), "cc", "gcc", "clang") if c)
+has_cxx = any(shutil.which(c) for c in (os.environ.get("CXX"), "c++", "g++", "clang++") if c)
 needs_kernel = pytest.mark.skipif(not cpu_linear.available(), reason="no C compiler built the kernel")
 
 
@@ -23,6 +24,48 @@ def test_kernel_builds_where_a_compiler_is():
     assert cpu_linear.available()
     path = cpu_linear.library_path()
     assert path is not None and path.is_file() and path.suffix == ".so"
+
+
+@pytest.mark.skipif(not (has_cc and has_cxx), reason="no C and C++ compilers")
+def test_op_runs_in_cpp_where_a_cxx_compiler_is():
+    """The op's CPU kernel is the C++ glue (a failed build must not pass unnoticed as the slower Python one), and it
+    gives the Python implementation's bits: the same kernel behind both, the same fallbacks."""
+    assert cpu_linear.native()
+    cpu_line = next(line for line in torch._C._dispatch_dump(cpu_linear._OP).splitlines() if line.startswith("CPU:"))
+    assert ".cpp" in cpu_line and "cpu_linear.py" not in cpu_line, cpu_line
+    g = torch.Generator().manual_seed(4)
+    rows = (1, 3, 8, cpu_linear.MAX_ROWS)
+    cases = [(torch.randn(r, 40, generator=g), torch.randn(70, 40, generator=g)) for r in rows]
+    cases += [(torch.randn(2, 3, 40, generator=g), torch.randn(40, 70, generator=g).t())]  # (..., K); strided weight
+    cases += [(torch.randn(40, 5, generator=g).t(), torch.randn(70, 40, generator=g))]  # strided rows
+    cases += [(x.bfloat16(), w.bfloat16()) for x, w in cases]
+    cases += [(torch.randn(cpu_linear.MAX_ROWS + 1, 40, generator=g), torch.randn(70, 40, generator=g))]  # F.linear
+    cases += [(torch.randn(4, 40, generator=g).half(), torch.randn(70, 40, generator=g).half())]  # F.linear
+    for x, w in cases:
+        y = torch.ops.llama_hf.small_batch_linear(x, w)
+        assert y.dtype == x.dtype and y.shape == (*x.shape[:-1], w.shape[0])
+        assert torch.equal(y, cpu_linear._small_batch_linear(x, w)), (x.shape, x.dtype)
+
+
+@pytest.mark.skipif(not has_cc, reason="no C compiler")
+def test_op_stays_in_python_without_cxx_or_when_asked(tmp_path):
+    code = """
+import json, torch
+from modeling_llama import cpu_linear
+g = torch.Generator().manual_seed(5)
+x, w = torch.randn(8, 64, generator=g), torch.randn(48, 64, generator=g)
+cpu = next(l for l in torch._C._dispatch_dump(cpu_linear._OP).splitlines() if l.startswith("CPU:"))
+print(json.dumps({"native": cpu_linear.native(), "available": cpu_linear.available(), "python": "cpu_linear.py" in cpu,
+                  "close": torch.allclose(cpu_linear.small_batch_linear(x, w), x @ w.t(), rtol=1e-5, atol=1e-5)}))
+"""
+    base = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    broken = {**base, "XDG_CACHE_HOME": str(tmp_path / "broken"), "CXX": shutil.which("false") or "/bin/false"}
+    asked = {**base, "XDG_CACHE_HOME": str(tmp_path / "asked"), cpu_linear.ENV_VAR: "python"}
+    for env in (broken, asked):
+        assert run_python_json(code, cwd=REPO_ROOT, env=env) == {
+            "native": False, "available": True, "python": True, "close": True
+        }  # fmt: skip
+    assert not any(tmp_path.rglob("llama_hf_ops-*.so"))  # the C kernel was built, not the glue
 
 
 @needs_kernel
