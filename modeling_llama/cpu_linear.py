@@ -34,22 +34,17 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import logging
 import os
-import platform
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from . import native_build
+
 __all__ = ["small_batch_linear", "available", "native", "library_path", "native_library_path", "MAX_ROWS", "ENV_VAR"]
 
 ENV_VAR = "LLAMA_CPU_LINEAR"  # 0: no kernel (F.linear); python: the op stays in Python
-logger = logging.getLogger(__name__)
 MAX_ROWS = 16  # beyond ~16 rows the products are compute-bound, and MKL's is faster
 
 _SOURCE = r"""
@@ -210,76 +205,25 @@ TORCH_LIBRARY_IMPL(llama_hf, CPU, m) { m.impl("small_batch_linear", small_batch_
 """
 
 
-def _cpu_signature() -> str:
-    """The lines of /proc/cpuinfo that decide what ``-march=native`` emits (so a cache shared between machines
-    never hands one CPU another's instructions)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            lines = [line for line in f if line.startswith(("vendor_id", "model name", "flags", "Features"))]
-        return "".join(dict.fromkeys(lines))
-    except OSError:
-        return platform.processor()
-
-
-def _build(stem: str, source: str, suffix: str, compilers: tuple, flag_sets: list, key: tuple = ()) -> Path | None:
-    """``source`` compiled into a shared object with the first of ``compilers`` found, trying each flag set in turn
-    (the first that compiles wins), cached under ``$XDG_CACHE_HOME/llama-hf`` (the temp directory if that is not
-    writable) by a hash of everything that decides the output; ``None`` where no compiler is found or no flag set
-    compiles."""
-    cc = next(filter(None, (shutil.which(c) for c in compilers if c)), None)
-    if cc is None:
-        return None
-    parts = [source, *(" ".join(f) for f in flag_sets), os.path.realpath(cc), platform.machine(), _cpu_signature()]
-    name = f"{stem}-{hashlib.sha256(chr(0).join([*parts, *key]).encode()).hexdigest()[:16]}.so"
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llama-hf"
-    dirs = [cache, Path(tempfile.gettempdir()) / f"llama-hf-{os.getuid()}"]
-    for d in dirs:
-        if (d / name).is_file():
-            return d / name
-    for d in dirs:
-        try:
-            d.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=d) as tmp:
-                src, out = Path(tmp) / f"source{suffix}", Path(tmp) / "out.so"
-                src.write_text(source)
-                logger.info("compiling %s (once; cached in %s)", stem, d)
-                for flags in flag_sets:
-                    cmd = [cc, str(src), *flags, "-o", str(out)]  # libraries after the source that needs them
-                    if subprocess.run(cmd, capture_output=True, timeout=600).returncode == 0:
-                        os.replace(out, d / name)  # atomic: concurrent processes may race here, harmlessly
-                        return d / name
-            return None  # the compiler refused the source: no other folder will change that
-        except (OSError, subprocess.SubprocessError):
-            continue
-    return None
-
-
 def library_path() -> Path | None:
     """The compiled kernel (a shared object), built on first use with ``$CC``/``cc``/``gcc``/``clang`` and cached
     under ``$XDG_CACHE_HOME/llama-hf`` (the temp directory if that is not writable); ``None`` where no compiler is
     found or the build fails."""
-    compilers = (os.environ.get("CC"), "cc", "gcc", "clang")
-    return _build("llama_small_batch_linear", _SOURCE, ".c", compilers, [_FLAGS, _FLAGS_NO_OPENMP])
+    flag_sets = [_FLAGS, _FLAGS_NO_OPENMP]
+    return native_build.build("llama_small_batch_linear", _SOURCE, ".c", native_build.c_compilers(), flag_sets)
 
 
 def native_library_path() -> Path | None:
     """The op's C++ implementation (a shared object linked against this torch), built on first use with
     ``$CXX``/``c++``/``g++``/``clang++`` and cached like :func:`library_path` (per torch version); ``None`` where
     no C++ compiler or no torch headers are found or the build fails (the op then stays in Python)."""
-    root = Path(torch.__file__).parent
-    include, lib = root / "include", root / "lib"
-    if not (include / "torch" / "library.h").is_file():
-        return None  # a torch install without its C++ headers
-    common = [
-        "-O2", "-shared", "-fPIC", "-w", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
-        f"-DMAX_ROWS={MAX_ROWS}", f"-I{include}", f"-I{include / 'torch' / 'csrc' / 'api' / 'include'}",
-        f"-L{lib}", "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{lib}",
-    ]  # fmt: skip
+    torch_flags = native_build.torch_flags()
+    if torch_flags is None:
+        return None
+    common = ["-O2", "-shared", "-fPIC", "-w", f"-DMAX_ROWS={MAX_ROWS}", *torch_flags]
     flag_sets = [["-std=c++20", *common], ["-std=c++17", *common]]
-    compilers = (os.environ.get("CXX"), "c++", "g++", "clang++")
-    key = (torch.__version__, str(root))
-    path = _build("llama_hf_ops", _NATIVE_SOURCE, ".cpp", compilers, flag_sets, key)
-    return path
+    compilers = native_build.cxx_compilers()
+    return native_build.build("llama_hf_ops", _NATIVE_SOURCE, ".cpp", compilers, flag_sets, (torch.__version__,))
 
 
 _ENTRIES = {torch.float32: "llama_small_batch_linear", torch.bfloat16: "llama_small_batch_linear_bf16"}

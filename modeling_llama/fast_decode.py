@@ -12,8 +12,10 @@ memory-bound. :class:`FastDecoder` is the path for latency:
 - on CPU at batch 1, each ``nn.Linear`` is traced as a multiply-and-sum over its weight rows (fp32 products and
   accumulation, bf16 weights read once) that inductor turns into one vectorised, threaded loop: it streams the
   weights ~1.6x faster than the bf16 GEMV kernel ``F.linear`` dispatches to (``benchmarks/bench_cpu.py``);
-  attention runs as the plain math (``eager``) attention, which inductor fuses for a one-row query instead of
-  calling the flash kernel, whose per-call set-up dominates at that size. At batch 2-16 in fp32 each linear
+  attention of the step's one-row query goes to :mod:`.cpu_attention`'s kernel, which reads each cached key and
+  value once and only the positions written so far (at batch 8 on 2 AVX2 cores: step 44.8 -> 40.5 ms), where it
+  cannot be built to the plain math (``eager``) attention, which inductor fuses for a one-row query (SDPA's flash
+  kernel costs more in per-call set-up at that size). At batch 2-16 in fp32 each linear
   calls :mod:`.cpu_linear`'s kernel, which reads each weight once for all rows at memory speed (8-15 GB/s on
   2 AVX2 cores at batch 8 against 4-7 for MKL's product; batch 8 decoding 80 -> 114 tok/s); where that kernel
   cannot be built (no C compiler), and at batch > 16, each linear is traced as ``W @ xᵀ`` (a tall-skinny
@@ -32,9 +34,10 @@ memory-bound. :class:`FastDecoder` is the path for latency:
   ``generate()`` (``benchmarks/RESULTS.md``).
 
 The model is taken over: it is cast to ``dtype`` and put in eval mode, and on CPU its attention is set to
-``eager`` (the same math as SDPA). Its eager forward is otherwise unchanged (the GEMV form, the kernel and the
-rotary table are only used while compiling, ``W @ xᵀ`` only inside :meth:`FastDecoder.generate`'s prefill), so
-the model can still be used, trained or saved as before.
+``cpu_attention.ATTN_IMPLEMENTATION`` (the eager math, with the kernel for one-row queries) or ``eager``. Its eager
+forward is otherwise unchanged (the GEMV form, the kernel and the rotary table are only used while compiling,
+``W @ xᵀ`` only inside :meth:`FastDecoder.generate`'s prefill), so the model can still be used, trained or saved
+as before.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import cpu_linear
+from . import cpu_attention, cpu_linear
 from .modeling_llama import LlamaRotaryEmbedding
 
 
@@ -189,7 +192,10 @@ class FastDecoder:
         linear_forward = None
         emulated_bf16 = dtype == torch.bfloat16 and not native_bf16(self.device)  # CPUs without bf16 arithmetic
         if not self.cuda:
-            model.config._attn_implementation = "eager"  # fused by inductor for a one-row query
+            # the step's one-row attention: cpu_attention's kernel (reads each cached key and value once, and only
+            # the positions written so far), else the eager math, fused by inductor; the prefill runs eager either way
+            attn = cpu_attention.ATTN_IMPLEMENTATION if cpu_attention.available() else "eager"
+            model.config._attn_implementation = attn
             if batch_size == 1:
                 linear_forward = _gemv_linear_forward
             elif (

@@ -6,7 +6,10 @@ import pytest
 import torch
 from conftest import twin_models
 
-from modeling_llama import FastDecoder
+from modeling_llama import FastDecoder, cpu_attention
+
+# the attention FastDecoder's CPU steps run: the one-row kernel where it builds, else eager
+STEP_ATTN = cpu_attention.ATTN_IMPLEMENTATION if cpu_attention.available() else "eager"
 
 PROMPT, NEW = 7, 12
 
@@ -104,7 +107,7 @@ def test_emulated_bf16_across_cache_buckets(monkeypatch):
         prompt = torch.randint(3, 512, (2, 58), generator=torch.Generator().manual_seed(seed))
         out = dec.generate(prompt, 12)  # positions 58..69: bucket 64, then 200
         assert chosen_gap(stock.to(torch.bfloat16), prompt, out) <= 0.02
-    assert ours.config._attn_implementation == "eager"
+    assert ours.config._attn_implementation == STEP_ATTN
 
 
 def test_fast_decode_takes_a_stock_transformers_model():
@@ -135,7 +138,7 @@ def test_compiled_bf16_batch_picks_the_bf16_argmax(monkeypatch, native):
     prompt = torch.randint(3, 512, (3, PROMPT), generator=torch.Generator().manual_seed(8))
     out = dec.generate(prompt, NEW)
     assert chosen_gap(stock.to(torch.bfloat16), prompt, out) <= 0.02
-    assert ours.config._attn_implementation == "eager"  # the prefill's SDPA is undone for the steps
+    assert ours.config._attn_implementation == STEP_ATTN  # the prefill's SDPA is undone for the steps
     with torch.profiler.profile() as prof:
         dec.generate(prompt, 3)
     assert ("llama_hf::small_batch_linear" in {e.key for e in prof.key_averages()}) == kernel

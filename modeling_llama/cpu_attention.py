@@ -1,0 +1,266 @@
+"""Attention for one query row on CPU (a decode step): each cached key and value read once, masked positions not
+read at all.
+
+A decoding step attends one new query per sequence over the whole KV cache. Written as the plain math attention
+(``eager``, which ``FastDecoder`` compiles on CPU), inductor fuses the score product into the softmax's reductions
+and reads the cached keys more than once: at batch 8 on 2 AVX2 cores (``100M``, a 97-position cache) its attention
+kernels took ~9 ms of a ~45 ms step, where reading the 57 MB of cache once takes ~3 ms. The kernel here (C++, a
+``torch.library`` op, built on first use and cached like :mod:`.cpu_linear`'s) computes, for each (sequence, head)
+pair in parallel, the scores of the positions the mask lets through, their softmax in float32 and the weighted sum
+of those values, reading each key and value row once. A static cache's positions beyond the current one are masked
+(``-inf``/``finfo.min`` in an additive mask, ``False`` in a boolean one), so they cost nothing: the step reads what
+has been written, not the cache's length. Skipping them is exact: their softmax weight is 0 in the eager math
+(unless every position is masked; then all are computed, as eager does).
+
+:data:`ATTN_IMPLEMENTATION` (``"llama_hf_decode"``) is registered with transformers' attention functions (and the
+eager mask): one-row queries on CPU in fp32 or bf16 go to the kernel, everything else (the prefill, other devices,
+dtypes, training with dropout) to the eager attention. ``FastDecoder`` sets it on CPU where the kernel builds;
+``LLAMA_CPU_ATTENTION=0`` turns the kernel off.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+import torch
+
+from . import native_build
+from .modeling_llama import ALL_ATTENTION_FUNCTIONS, eager_attention_forward
+
+__all__ = ["ATTN_IMPLEMENTATION", "ENV_VAR", "available", "decode_attention", "library_path"]
+
+ATTN_IMPLEMENTATION = "llama_hf_decode"
+ENV_VAR = "LLAMA_CPU_ATTENTION"
+
+_SOURCE = r"""
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+typedef float v8 __attribute__((vector_size(32)));
+typedef uint32_t u32x8 __attribute__((vector_size(32)));
+static inline v8 load8(const float* p) { v8 v; std::memcpy(&v, p, sizeof v); return v; }
+static inline v8 load8(const uint16_t* p) {  // 8 bf16 -> fp32, exactly (the 16 bits become the high half)
+    u32x8 u;
+    for (int i = 0; i < 8; i++) u[i] = (uint32_t)p[i] << 16;
+    v8 v; std::memcpy(&v, &u, sizeof v); return v;
+}
+static inline float load1(const float* p) { return *p; }
+static inline float load1(const uint16_t* p) {
+    uint32_t u = (uint32_t)*p << 16;
+    float f; std::memcpy(&f, &u, 4); return f;
+}
+static inline float hsum(v8 a) { float s = 0.f; for (int i = 0; i < 8; i++) s += a[i]; return s; }
+
+// q . k over D
+template <typename T> static inline float dot(const T* q, const T* k, int64_t D) {
+    int64_t d = 0;
+    float s = 0.f;
+    if (D >= 8) {
+        v8 a = {0};
+        for (; d + 8 <= D; d += 8) a += load8(q + d) * load8(k + d);
+        s = hsum(a);
+    }
+    for (; d < D; d++) s += load1(q + d) * load1(k + d);
+    return s;
+}
+
+// out (B, H, D) float32 = softmax(q k^T * scale + mask) v for one query row per (b, h), kv head h / (H / Hk).
+// A position whose mask is <= -1e30 (additive, float32) or false (boolean) is not read, unless every one is.
+template <typename T>
+static void attend(const T* q, int64_t sqb, int64_t sqh, const T* k, int64_t skb, int64_t skh, int64_t sks,
+                   const T* v, int64_t svb, int64_t svh, int64_t svs, const float* maskf, const uint8_t* maskb,
+                   int64_t smb, int64_t smh, int64_t B, int64_t H, int64_t Hk, int64_t S, int64_t D, float scale,
+                   float* out) {
+    const int64_t groups = H / Hk;
+#pragma omp parallel
+    {
+        std::vector<float> sc(S), acc(D);
+        std::vector<uint8_t> use(S);
+#pragma omp for schedule(static)
+        for (int64_t bh = 0; bh < B * H; bh++) {
+            const int64_t b = bh / H, h = bh % H, hk = h / groups;
+            const T* qr = q + b * sqb + h * sqh;
+            const T* kb = k + b * skb + hk * skh;
+            const T* vb = v + b * svb + hk * svh;
+            int64_t n = 0;
+            for (int64_t p = 0; p < S; p++) {
+                const int64_t mi = b * smb + h * smh + p;
+                use[p] = maskf ? maskf[mi] > -1e30f : maskb ? maskb[mi] != 0 : 1;
+                n += use[p];
+            }
+            const bool all = n == 0;  // every position masked: computed anyway, as the eager math does
+            float mx = -INFINITY;
+            for (int64_t p = 0; p < S; p++) {
+                if (!use[p] && !all) continue;
+                float s = dot(qr, kb + p * sks, D) * scale;
+                if (maskf) s += maskf[b * smb + h * smh + p];
+                sc[p] = s;
+                mx = s > mx ? s : mx;
+            }
+            float sum = 0.f;
+            for (int64_t d = 0; d < D; d++) acc[d] = 0.f;
+            for (int64_t p = 0; p < S; p++) {
+                if (!use[p] && !all) continue;
+                const float w = std::exp(sc[p] - mx);
+                sum += w;
+                const T* vr = vb + p * svs;
+                int64_t d = 0;
+                const v8 wv = {w, w, w, w, w, w, w, w};
+                for (; d + 8 <= D; d += 8) {
+                    v8 a = load8(&acc[d]) + wv * load8(vr + d);
+                    std::memcpy(&acc[d], &a, sizeof a);
+                }
+                for (; d < D; d++) acc[d] += w * load1(vr + d);
+            }
+            float* o = out + (b * H + h) * D;
+            for (int64_t d = 0; d < D; d++) o[d] = acc[d] / sum;
+        }
+    }
+}
+
+// q (B, H, 1, D), k and v (B, Hk, S, D) (any strides; rows contiguous or copied), mask None or (Bm, Hm, 1, >=S)
+// with Bm in {1, B} and Hm in {1, H}, additive (any float dtype) or boolean (true: attend). Returns (B, 1, H, D).
+static at::Tensor decode_attention(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
+                                   const std::optional<at::Tensor>& mask, double scale) {
+    TORCH_CHECK(q_.dim() == 4 && q_.size(2) == 1 && k_.dim() == 4 && v_.dim() == 4,
+                "decode_attention: q (B, H, 1, D), k and v (B, Hk, S, D)");
+    const int64_t B = q_.size(0), H = q_.size(1), D = q_.size(3), Hk = k_.size(1), S = k_.size(2);
+    TORCH_CHECK(k_.size(0) == B && v_.size(0) == B && v_.size(1) == Hk && v_.size(2) == S && k_.size(3) == D &&
+                v_.size(3) == D && Hk > 0 && H % Hk == 0, "decode_attention: q, k and v disagree in shape");
+    const auto dt = q_.scalar_type();
+    TORCH_CHECK((dt == at::kFloat || dt == at::kBFloat16) && k_.scalar_type() == dt && v_.scalar_type() == dt,
+                "decode_attention: q, k and v must all be float32 or all bfloat16");
+    TORCH_CHECK(q_.device().is_cpu() && k_.device().is_cpu() && v_.device().is_cpu(), "decode_attention: CPU only");
+    const at::Tensor q = q_.stride(3) == 1 ? q_ : q_.contiguous();
+    const at::Tensor k = k_.stride(3) == 1 ? k_ : k_.contiguous();
+    const at::Tensor v = v_.stride(3) == 1 ? v_ : v_.contiguous();
+    at::Tensor m;  // (Bm, Hm, S): float32 or bool, last dim contiguous
+    int64_t smb = 0, smh = 0;
+    if (mask.has_value() && mask->defined()) {
+        const at::Tensor& m4 = *mask;
+        TORCH_CHECK(m4.dim() == 4 && m4.size(2) == 1 && (m4.size(0) == 1 || m4.size(0) == B) &&
+                    (m4.size(1) == 1 || m4.size(1) == H) && m4.size(3) >= S,
+                    "decode_attention: the mask must be (1 or B, 1 or H, 1, >= S)");
+        m = m4.select(2, 0).narrow(2, 0, S);
+        m = m4.scalar_type() == at::kBool ? m.contiguous() : m.to(at::kFloat).contiguous();
+        smb = m.size(0) == 1 ? 0 : m.stride(0);
+        smh = m.size(1) == 1 ? 0 : m.stride(1);
+    }
+    const float* maskf = m.defined() && m.scalar_type() == at::kFloat ? m.const_data_ptr<float>() : nullptr;
+    const uint8_t* maskb = m.defined() && m.scalar_type() == at::kBool ? (const uint8_t*)m.const_data_ptr() : nullptr;
+    at::Tensor out = at::empty({B, 1, H, D}, q.options().dtype(at::kFloat));
+    if (dt == at::kFloat)
+        attend(q.const_data_ptr<float>(), q.stride(0), q.stride(1), k.const_data_ptr<float>(), k.stride(0),
+               k.stride(1), k.stride(2), v.const_data_ptr<float>(), v.stride(0), v.stride(1), v.stride(2), maskf,
+               maskb, smb, smh, B, H, Hk, S, D, (float)scale, out.data_ptr<float>());
+    else
+        attend((const uint16_t*)q.const_data_ptr(), q.stride(0), q.stride(1), (const uint16_t*)k.const_data_ptr(),
+               k.stride(0), k.stride(1), k.stride(2), (const uint16_t*)v.const_data_ptr(), v.stride(0), v.stride(1),
+               v.stride(2), maskf, maskb, smb, smh, B, H, Hk, S, D, (float)scale, out.data_ptr<float>());
+    return dt == at::kFloat ? out : out.to(dt);
+}
+
+TORCH_LIBRARY_IMPL(llama_hf, CPU, m) { m.impl("decode_attention", decode_attention); }
+"""
+
+
+def library_path() -> Path | None:
+    """The kernel (C++, linked against this torch), built on first use with ``$CXX``/``c++``/``g++``/``clang++``
+    for this CPU and cached per torch version (:mod:`.native_build`); ``None`` where it cannot be built."""
+    torch_flags = native_build.torch_flags()
+    if torch_flags is None:
+        return None
+    common = ["-O3", "-march=native", "-shared", "-fPIC", "-w", *torch_flags]
+    flag_sets = [[std, *omp, *common] for omp in (["-fopenmp"], []) for std in ("-std=c++20", "-std=c++17")]
+    compilers = native_build.cxx_compilers()
+    return native_build.build("llama_hf_attention", _SOURCE, ".cpp", compilers, flag_sets, (torch.__version__,))
+
+
+_loaded = False  # read by decode_attention_forward (inside compiled graphs: a constant, not a call)
+
+
+@functools.cache
+def available() -> bool:
+    """Whether the kernel is built and loaded (the first call builds it: ~15 s, once per machine and torch)."""
+    global _loaded
+    if os.environ.get(ENV_VAR, "1").strip().lower() in ("0", "false", "no", "off"):
+        return False
+    path = library_path()
+    if path is None:
+        return False
+    try:
+        torch.ops.load_library(str(path))
+    except (OSError, RuntimeError):
+        return False
+    _loaded = torch._C._dispatch_has_kernel_for_dispatch_key(_OP, "CPU")
+    return _loaded
+
+
+def _fake(q, k, v, mask, scale):
+    torch._check(q.shape[2] == 1, lambda: "decode_attention: one query row")
+    return q.new_empty(q.shape[0], 1, q.shape[1], q.shape[3])  # (B, 1, H, D)
+
+
+_OP = "llama_hf::decode_attention"
+_LIB = torch.library.Library("llama_hf", "FRAGMENT")
+try:
+    torch._C._dispatch_find_schema_or_throw(_OP, "")  # defined already in this process (a reload reuses it)
+except RuntimeError:
+    _LIB.define("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor")
+    torch.library.register_fake(_OP, _fake, lib=_LIB)
+
+
+def decode_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, scaling: float
+) -> torch.Tensor:
+    """``softmax(query keyᵀ · scaling + mask) value`` for ``query`` (B, H, 1, D) against ``key``/``value``
+    (B, Hk, S, D), float32 or bfloat16 (summed in float32, rounded once), ``mask`` additive or boolean
+    (1 or B, 1 or H, 1, >= S) or ``None``; returns (B, 1, H, D). Needs :func:`available`."""
+    if not available():
+        raise RuntimeError(
+            "cpu_attention's kernel is not built here (no C++ compiler or torch headers, or "
+            f"{ENV_VAR}=0); use the eager attention instead."
+        )
+    return torch.ops.llama_hf.decode_attention(query, key, value, mask, scaling)
+
+
+def decode_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """transformers' attention interface: the kernel for one-row queries on CPU (fp32, bf16), else eager."""
+    if (
+        _loaded
+        and query.shape[2] == 1
+        and query.device.type == "cpu"
+        and query.dtype in (torch.float32, torch.bfloat16)
+        and key.dtype == query.dtype
+        and value.dtype == query.dtype
+        and (attention_mask is None or attention_mask.dim() == 4)
+        and not (module.training and dropout > 0)
+    ):
+        return torch.ops.llama_hf.decode_attention(query, key, value, attention_mask, scaling), None
+    return eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+
+
+def _register() -> None:
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
+
+    ALL_ATTENTION_FUNCTIONS.register(ATTN_IMPLEMENTATION, decode_attention_forward)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_IMPLEMENTATION, eager_mask)
+
+
+_register()

@@ -1,0 +1,87 @@
+"""Building the project's small native libraries: C or C++ source compiled on first use with the system compiler
+for this CPU, cached under ``$XDG_CACHE_HOME/llama-hf`` by a hash of everything that decides the output (source,
+flags, compiler, CPU, torch version where it links torch), and loaded from the cache afterwards.
+
+Used by :mod:`.cpu_linear` (the few-row product and its op) and :mod:`.cpu_attention` (one-query attention).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+def c_compilers() -> tuple:
+    return (os.environ.get("CC"), "cc", "gcc", "clang")
+
+
+def cxx_compilers() -> tuple:
+    return (os.environ.get("CXX"), "c++", "g++", "clang++")
+
+
+def cpu_signature() -> str:
+    """The lines of /proc/cpuinfo that decide what ``-march=native`` emits (so a cache shared between machines
+    never hands one CPU another's instructions)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            lines = [line for line in f if line.startswith(("vendor_id", "model name", "flags", "Features"))]
+        return "".join(dict.fromkeys(lines))
+    except OSError:
+        return platform.processor()
+
+
+def build(stem: str, source: str, suffix: str, compilers: tuple, flag_sets: list, key: tuple = ()) -> Path | None:
+    """``source`` compiled into a shared object with the first of ``compilers`` found, trying each flag set in turn
+    (the first that compiles wins), cached under ``$XDG_CACHE_HOME/llama-hf`` (the temp directory if that is not
+    writable) by a hash of everything that decides the output; ``None`` where no compiler is found or no flag set
+    compiles."""
+    cc = next(filter(None, (shutil.which(c) for c in compilers if c)), None)
+    if cc is None:
+        return None
+    parts = [source, *(" ".join(f) for f in flag_sets), os.path.realpath(cc), platform.machine(), cpu_signature()]
+    name = f"{stem}-{hashlib.sha256(chr(0).join([*parts, *key]).encode()).hexdigest()[:16]}.so"
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llama-hf"
+    dirs = [cache, Path(tempfile.gettempdir()) / f"llama-hf-{os.getuid()}"]
+    for d in dirs:
+        if (d / name).is_file():
+            return d / name
+    for d in dirs:
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=d) as tmp:
+                src, out = Path(tmp) / f"source{suffix}", Path(tmp) / "out.so"
+                src.write_text(source)
+                logger.info("compiling %s (once; cached in %s)", stem, d)
+                for flags in flag_sets:
+                    cmd = [cc, str(src), *flags, "-o", str(out)]  # libraries after the source that needs them
+                    if subprocess.run(cmd, capture_output=True, timeout=600).returncode == 0:
+                        os.replace(out, d / name)  # atomic: concurrent processes may race here, harmlessly
+                        return d / name
+            return None  # the compiler refused the source: no other folder will change that
+        except (OSError, subprocess.SubprocessError):
+            continue
+    return None
+
+
+def torch_flags() -> list[str] | None:
+    """Compiler flags that build a library registering torch operators (``TORCH_LIBRARY_IMPL``) against this torch:
+    its headers, its ABI, linking ``torch_cpu`` and ``c10``; ``None`` for a torch install without its C++ headers.
+    Pass ``key=(torch.__version__,)`` to :func:`build` with them: one build per torch."""
+    root = Path(torch.__file__).parent
+    include, lib = root / "include", root / "lib"
+    if not (include / "torch" / "library.h").is_file():
+        return None
+    return [
+        f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}", f"-I{include}",
+        f"-I{include / 'torch' / 'csrc' / 'api' / 'include'}", f"-L{lib}", "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{lib}",
+    ]  # fmt: skip
