@@ -13,7 +13,7 @@ memory-bound. :class:`FastDecoder` is the path for latency:
   accumulation, bf16 weights read once) that inductor turns into one vectorised, threaded loop: it streams the
   weights ~1.6x faster than the bf16 GEMV kernel ``F.linear`` dispatches to (``benchmarks/bench_cpu.py``);
   attention of the step's one-row query goes to :mod:`.cpu_attention`'s kernel, which reads each cached key and
-  value once and only the positions written so far (batch 8, 2 AVX2 cores: steps 6% faster, 42.3 -> 39.4 ms),
+  value once and only the positions written so far (batch 8, 2 AVX2 cores: steps 1.06x-1.16x faster),
   where it cannot be built to the plain math (``eager``) attention, which inductor fuses for a one-row query
   (SDPA's flash kernel costs more in per-call set-up at that size). At batch 2-16 in fp32 each linear
   calls :mod:`.cpu_linear`'s kernel, which reads each weight once for all rows at memory speed (8-15 GB/s on
