@@ -252,8 +252,9 @@ def decode_attention_forward(
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """transformers' attention interface: the kernel for one-row queries on CPU (fp32, bf16), else eager."""
+    loaded = _loaded or (not torch.compiler.is_compiling() and available())  # eager: the first call builds it
     if (
-        _loaded
+        loaded
         and query.shape[2] == 1
         and query.device.type == "cpu"
         and query.dtype in (torch.float32, torch.bfloat16)
