@@ -50,24 +50,32 @@ static void read_only(const float* x, const float* w, int64_t N, int64_t K, floa
     }
 }
 
-/* the kernel's loop, the input rows S floats apart */
-static void kernel_strided(const float* x, int64_t S, const float* w, int64_t N, int64_t K, float* y) {
-    #pragma omp parallel
-    {
-        SPLIT(N, 1)
-        for (int64_t n = n0; n < n1; n++) {
-            const float* wr = w + n * K;
-            v8 acc[M];
-            for (int m = 0; m < M; m++) acc[m] = (v8){0};
-            for (int64_t k = 0; k < K; k += 8) {
-                __builtin_prefetch(wr + k + PF, 0, 0);
-                v8 wv = ld(wr + k);
-                for (int m = 0; m < M; m++) acc[m] += wv * ld(x + m * S + k);
-            }
-            for (int m = 0; m < M; m++) y[m * N + n] = hsum(acc[m]);
-        }
-    }
+/* bf16 -> fp32 exactly: the 16 bits become the high half of the float */
+static inline v8 ld_bf16(const uint16_t* p) {
+    return (v8)_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16);
 }
+
+/* the kernel's loop over weights of type WT (loaded 8 at a time by LOADW), the input rows S floats apart, a
+   non-temporal prefetch 4 KB ahead */
+#define KERNEL_LOOP(NAME, WT, LOADW)                                                                    \
+static void NAME(const float* x, int64_t S, const WT* w, int64_t N, int64_t K, float* y) {             \
+    _Pragma("omp parallel") {                                                                          \
+        SPLIT(N, 1)                                                                                    \
+        for (int64_t n = n0; n < n1; n++) {                                                            \
+            const WT* wr = w + n * K;                                                                  \
+            v8 acc[M];                                                                                 \
+            for (int m = 0; m < M; m++) acc[m] = (v8){0};                                              \
+            for (int64_t k = 0; k < K; k += 8) {                                                       \
+                __builtin_prefetch(wr + k + PF * sizeof(float) / sizeof(WT), 0, 0);                    \
+                v8 wv = LOADW(wr + k);                                                                 \
+                for (int m = 0; m < M; m++) acc[m] += wv * ld(x + m * S + k);                          \
+            }                                                                                          \
+            for (int m = 0; m < M; m++) y[m * N + n] = hsum(acc[m]);                                   \
+        }                                                                                              \
+    }                                                                                                  \
+}
+KERNEL_LOOP(kernel_strided, float, ld)
+KERNEL_LOOP(kernel_bf16_strided, uint16_t, ld_bf16)
 
 static void kernel(const float* x, const float* w, int64_t N, int64_t K, float* y) { kernel_strided(x, K, w, N, K, y); }
 
@@ -185,26 +193,8 @@ static void panel16(const float* x, const float* P, int64_t N, int64_t K, float*
 }
 
 /* bf16 weights (the kernel's bf16 entry): each 8-weight piece widened to fp32 exactly, sums in fp32 */
-static inline v8 ld_bf16(const uint16_t* p) {
-    return (v8)_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16);
-}
 static void kernel_bf16(const float* x, const float* w_as_float, int64_t N, int64_t K, float* y) {
-    const uint16_t* w = (const uint16_t*)w_as_float;  /* (N, K) bf16, passed through the common signature */
-    #pragma omp parallel
-    {
-        SPLIT(N, 1)
-        for (int64_t n = n0; n < n1; n++) {
-            const uint16_t* wr = w + n * K;
-            v8 acc[M];
-            for (int m = 0; m < M; m++) acc[m] = (v8){0};
-            for (int64_t k = 0; k < K; k += 8) {
-                __builtin_prefetch(wr + k + 2 * PF, 0, 0);  /* 4 KB ahead */
-                v8 wv = ld_bf16(wr + k);
-                for (int m = 0; m < M; m++) acc[m] += wv * ld(x + m * K + k);
-            }
-            for (int m = 0; m < M; m++) y[m * N + n] = hsum(acc[m]);
-        }
-    }
+    kernel_bf16_strided(x, K, (const uint16_t*)w_as_float, N, K, y);  /* (N, K) bf16, through the common signature */
 }
 
 static double now(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec + 1e-9 * t.tv_nsec; }

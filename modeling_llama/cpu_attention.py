@@ -21,7 +21,6 @@ dtypes, training with dropout) to the eager attention. ``FastDecoder`` sets it o
 from __future__ import annotations
 
 import functools
-import os
 from pathlib import Path
 
 import torch
@@ -94,10 +93,11 @@ static void attend(const T* q, int64_t sqb, int64_t sqh, const T* k, int64_t skb
             const T* qr = q + b * sqb + h * sqh;
             const T* kb = k + b * skb + hk * skh;
             const T* vb = v + b * svb + hk * svh;
+            const float* mf = maskf ? maskf + b * smb + h * smh : nullptr;  // this pair's mask row
+            const uint8_t* mb = maskb ? maskb + b * smb + h * smh : nullptr;
             int64_t n = 0;
             for (int64_t p = 0; p < S; p++) {
-                const int64_t mi = b * smb + h * smh + p;
-                use[p] = maskf ? maskf[mi] > -1e30f : maskb ? maskb[mi] != 0 : 1;
+                use[p] = mf ? mf[p] > -1e30f : mb ? mb[p] != 0 : 1;
                 n += use[p];
             }
             const bool all = n == 0;  // every position masked: computed anyway, as the eager math does
@@ -109,7 +109,7 @@ static void attend(const T* q, int64_t sqb, int64_t sqh, const T* k, int64_t skb
                 if (p + PF < S && (use[p + PF] || all)) prefetch_row(kb + (p + PF) * sks, D * sizeof(T));
                 if (p < PF) prefetch_row(vb + p * svs, D * sizeof(T));
                 float s = dot(qr, kb + p * sks, D) * scale;
-                if (maskf) s += maskf[b * smb + h * smh + p];
+                if (mf) s += mf[p];
                 sc[p] = s;
                 mx = s > mx ? s : mx;
             }
@@ -200,7 +200,7 @@ _loaded = False  # read by decode_attention_forward (inside compiled graphs: a c
 def available() -> bool:
     """Whether the kernel is built and loaded (the first call builds it: ~15 s, once per machine and torch)."""
     global _loaded
-    if os.environ.get(ENV_VAR, "1").strip().lower() in ("0", "false", "no", "off"):
+    if native_build.disabled(ENV_VAR):
         return False
     path = library_path()
     if path is None:
@@ -219,12 +219,9 @@ def _fake(q, k, v, mask, scale):
 
 
 _OP = "llama_hf::decode_attention"
-_LIB = torch.library.Library("llama_hf", "FRAGMENT")
-try:
-    torch._C._dispatch_find_schema_or_throw(_OP, "")  # defined already in this process (a reload reuses it)
-except RuntimeError:
-    _LIB.define("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor")
-    torch.library.register_fake(_OP, _fake, lib=_LIB)
+_LIB = native_build.define_op(
+    "decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor", _fake
+)
 
 
 def decode_attention(

@@ -234,8 +234,7 @@ _native = False  # whether the op's CPU implementation is the C++ one
 def _kernels() -> dict:
     """The compiled entry points by weight dtype (empty where the kernel is off or could not be built); on the
     first call, also moves the op's CPU implementation to C++ where it can be built."""
-    setting = os.environ.get(ENV_VAR, "1").strip().lower()
-    if setting in ("0", "false", "no", "off"):
+    if native_build.disabled(ENV_VAR):
         return {}
     path = library_path()
     if path is None:
@@ -251,7 +250,7 @@ def _kernels() -> dict:
             kernels[dtype] = fn
     except (OSError, AttributeError):
         return {}
-    if setting != "python":
+    if os.environ.get(ENV_VAR, "").strip().lower() != "python":
         _load_native(kernels)
     return kernels
 
@@ -320,12 +319,7 @@ def _fake(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 _OP = "llama_hf::small_batch_linear"
-_LIB = torch.library.Library("llama_hf", "FRAGMENT")  # the op's definition and its fake (shape) function
-try:
-    torch._C._dispatch_find_schema_or_throw(_OP, "")  # defined already in this process (a reload reuses it)
-except RuntimeError:
-    _LIB.define("small_batch_linear(Tensor x, Tensor weight) -> Tensor")
-    torch.library.register_fake(_OP, _fake, lib=_LIB)
+_LIB = native_build.define_op("small_batch_linear(Tensor x, Tensor weight) -> Tensor", _fake)  # and its fake
 
 # The Python CPU implementation, registered by a Library of its own: dropping it unregisters the kernel, which
 # _load_native does before loading the C++ one.

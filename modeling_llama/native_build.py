@@ -21,6 +21,24 @@ import torch
 logger = logging.getLogger(__name__)
 
 
+def disabled(env_var: str) -> bool:
+    """Whether ``env_var`` turns a kernel off (``0``, ``false``, ``no``, ``off``; unset means on)."""
+    return os.environ.get(env_var, "1").strip().lower() in ("0", "false", "no", "off")
+
+
+def define_op(schema: str, fake) -> torch.library.Library:
+    """Define ``llama_hf::<schema>`` with its fake (shape) function, once a process (a module reload reuses the
+    definition). Keep the returned Library alive: it holds the registrations."""
+    lib = torch.library.Library("llama_hf", "FRAGMENT")
+    qualname = "llama_hf::" + schema.split("(", 1)[0]
+    try:
+        torch._C._dispatch_find_schema_or_throw(qualname, "")
+    except RuntimeError:
+        lib.define(schema)
+        torch.library.register_fake(qualname, fake, lib=lib)
+    return lib
+
+
 def c_compilers() -> tuple:
     return (os.environ.get("CC"), "cc", "gcc", "clang")
 
