@@ -5,6 +5,7 @@ single-process losses, validation loss and weights; checkpoints resume and expor
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -154,10 +155,14 @@ def test_fsdp2_matches_single_process_resumes_and_exports(reference, tmp_path):
 
 
 def test_finetune_under_deepspeed_zero3(reference, tmp_path):
-    """training.finetune (Trainer) launched with the same DeepSpeed config, two CPU processes."""
+    """training.finetune (Trainer) launched with the same DeepSpeed config, two CPU processes: trains, evaluates
+    on both ranks (ZeRO-3 gathers the sharded parameters for the forward) and both processes exit cleanly."""
     pytest.importorskip("deepspeed")
     root, _ = reference
     hf = root / "single" / "hf"
+    records = (REPO_ROOT / "training/data/instructions.jsonl").read_text().splitlines()
+    held_out = tmp_path / "held_out.jsonl"
+    held_out.write_text("\n".join(records[:24]) + "\n")
     accelerate_launch(
         ["--config_file", str(ACCEL / "deepspeed_zero3.yaml")],
         [
@@ -166,6 +171,10 @@ def test_finetune_under_deepspeed_zero3(reference, tmp_path):
             str(hf),
             "--data_files",
             str(REPO_ROOT / "training/data/instructions.jsonl"),
+            "--eval_files",
+            str(held_out),
+            "--per_device_eval_batch_size",
+            "4",
             "--output_dir",
             str(tmp_path / "sft"),
             "--max_steps",
@@ -186,6 +195,8 @@ def test_finetune_under_deepspeed_zero3(reference, tmp_path):
     losses = [h["loss"] for h in state["log_history"] if "loss" in h]
     assert len(losses) == 3 and all(x == x and x > 0 for x in losses)
     assert (tmp_path / "sft" / "model.safetensors").is_file()
+    results = json.loads((tmp_path / "sft" / "all_results.json").read_text())
+    assert results["eval_loss"] > 0 and math.isclose(results["eval_ppl"], math.exp(results["eval_loss"]), rel_tol=1e-6)
 
 
 def test_fsdp2_bf16_with_selective_checkpointing(reference, tmp_path):

@@ -227,14 +227,14 @@ def main(argv: list[str] | None = None) -> int:
         )
     result = trainer.train(resume_from_checkpoint=targs.resume_from_checkpoint)
     trainer.save_model(targs.output_dir)
+    metrics = dict(result.metrics)
+    if evals:  # on every rank: ZeRO-3 gathers the parameters and the metrics are reduced across processes
+        metrics.update(trainer.evaluate())
+        if "eval_loss" in metrics:
+            metrics["eval_ppl"] = math.exp(min(metrics["eval_loss"], 50))
     final = Path(targs.output_dir)
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(targs.output_dir)
-        metrics = dict(result.metrics)
-        if evals:
-            metrics.update(trainer.evaluate())
-            if "eval_loss" in metrics:
-                metrics["eval_ppl"] = math.exp(min(metrics["eval_loss"], 50))
         trainer.save_metrics("all", metrics)
         trainer.save_state()
         if ft.use_lora and ft.merge_lora:
@@ -243,8 +243,12 @@ def main(argv: list[str] | None = None) -> int:
         if push:
             push_folder_to_hub(final, targs.hub_model_id, commit_message="Upload instruction-finetuned LLaMA")
             print(f"pushed {final} to {targs.hub_model_id}", file=sys.stderr)
+    # Every rank waits for rank 0's writes, then tears the process group down while the interpreter is alive:
+    # a gloo group left to interpreter shutdown can abort the process ("terminate called without an active
+    # exception", pytorch/pytorch#190489) after a successful run.
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
