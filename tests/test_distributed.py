@@ -154,15 +154,19 @@ def test_fsdp2_matches_single_process_resumes_and_exports(reference, tmp_path):
     assert all(torch.equal(a[k], c[k]) for k in a)
 
 
-def test_finetune_under_deepspeed_zero3(reference, tmp_path):
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_finetune_under_deepspeed_zero3(reference, tmp_path, lora):
     """training.finetune (Trainer) launched with the same DeepSpeed config, two CPU processes: trains, evaluates
-    on both ranks (ZeRO-3 gathers the sharded parameters for the forward) and both processes exit cleanly."""
+    on both ranks (ZeRO-3 gathers the sharded parameters for the forward) and both processes exit cleanly. With
+    LoRA, rank 0 alone merges the saved adapters into the base model, outside ZeRO-3's partitioning (inside it,
+    loading the base model waited for the other rank forever)."""
     pytest.importorskip("deepspeed")
     root, _ = reference
     hf = root / "single" / "hf"
     records = (REPO_ROOT / "training/data/instructions.jsonl").read_text().splitlines()
     held_out = tmp_path / "held_out.jsonl"
     held_out.write_text("\n".join(records[:24]) + "\n")
+    out = tmp_path / "sft"
     accelerate_launch(
         ["--config_file", str(ACCEL / "deepspeed_zero3.yaml")],
         [
@@ -176,7 +180,7 @@ def test_finetune_under_deepspeed_zero3(reference, tmp_path):
             "--per_device_eval_batch_size",
             "4",
             "--output_dir",
-            str(tmp_path / "sft"),
+            str(out),
             "--max_steps",
             "3",
             "--per_device_train_batch_size",
@@ -189,14 +193,29 @@ def test_finetune_under_deepspeed_zero3(reference, tmp_path):
             "plain",
             "--logging_steps",
             "1",
+            "--use_lora",
+            str(lora).lower(),
         ],
     )
-    state = json.loads((tmp_path / "sft" / "trainer_state.json").read_text())
+    state = json.loads((out / "trainer_state.json").read_text())
     losses = [h["loss"] for h in state["log_history"] if "loss" in h]
     assert len(losses) == 3 and all(x == x and x > 0 for x in losses)
-    assert (tmp_path / "sft" / "model.safetensors").is_file()
-    results = json.loads((tmp_path / "sft" / "all_results.json").read_text())
+    results = json.loads((out / "all_results.json").read_text())
     assert results["eval_loss"] > 0 and math.isclose(results["eval_ppl"], math.exp(results["eval_loss"]), rel_tol=1e-6)
+    if not lora:
+        assert (out / "model.safetensors").is_file()
+        return
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    adapters = load_file(out / "adapter_model.safetensors")  # gathered from the ZeRO-3 shards: full shapes
+    assert any(k.endswith("lora_B.weight") and v.abs().max() > 0 for k, v in adapters.items())  # trained
+    ids = torch.randint(3, 200, (2, 12))
+    with torch.no_grad():
+        base = AutoModelForCausalLM.from_pretrained(hf, trust_remote_code=True, dtype=torch.float32)
+        expected = PeftModel.from_pretrained(base, str(out)).eval()(ids).logits
+        merged = AutoModelForCausalLM.from_pretrained(out / "merged", trust_remote_code=True, dtype=torch.float32)
+        torch.testing.assert_close(merged(ids).logits, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_fsdp2_bf16_with_selective_checkpointing(reference, tmp_path):

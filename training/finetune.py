@@ -13,6 +13,7 @@ described in :mod:`training.instruct_data`. With LoRA the adapters are saved to 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -167,13 +168,37 @@ def add_lora(model, ft: FinetuneArguments, targs):
     return get_peft_model(model, config)
 
 
+@contextlib.contextmanager
+def _outside_zero3():
+    """While a ZeRO-3 config is active (the Trainer's, under DeepSpeed), transformers loads and saves every model
+    through ZeRO-3's partitioning, whose collectives all ranks must join. Inside this block, a model loaded on one
+    rank is an ordinary full copy."""
+    try:
+        from transformers.integrations import deepspeed as hf_deepspeed
+    except ImportError:
+        yield
+        return
+    ref = getattr(hf_deepspeed, "_hf_deepspeed_config_weak_ref", None)
+    active = ref() if ref is not None else None
+    if active is None:
+        yield
+        return
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed.set_hf_deepspeed_config(active)
+
+
 def merge_adapters(ft: FinetuneArguments, targs, adapter_dir: str | Path, out: str | Path, tokenizer) -> Path:
-    """Base model in full precision + saved adapters -> merged weights -> a Hub folder of our classes."""
+    """Base model in full precision + saved adapters -> merged weights -> a Hub folder of our classes. Runs in one
+    process (rank 0 after a distributed run), outside any ZeRO-3 partitioning."""
     from peft import PeftModel
 
-    base = load_model(ft, targs, for_merge=True)
-    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
-    merged.save_pretrained(out)
+    with _outside_zero3():
+        base = load_model(ft, targs, for_merge=True)
+        merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+        merged.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return Path(out)
 
