@@ -275,5 +275,6 @@ def main(argv: list[str] | None = None) -> int:
     trainer.accelerator.end_training()
     return 0
 
+
 if __name__ == "__main__":
     sys.exit(main())
