@@ -72,7 +72,8 @@ print(json.dumps({"native": cpu_linear.native(), "available": cpu_linear.availab
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 7, 8, 9, 13, cpu_linear.MAX_ROWS])
 def test_matches_float64_product(rows):
     g = torch.Generator().manual_seed(rows)
-    for n, k in [(1, 1), (5, 7), (33, 8), (300, 37), (770, 768), (64, 2051)]:  # K tails and N split unevenly
+    # K tails, N split unevenly, and K >= 4096 (two weight rows at a time; odd N: one row left over)
+    for n, k in [(1, 1), (5, 7), (33, 8), (300, 37), (770, 768), (64, 2051), (65, 4100), (6, 4096)]:
         x, w = torch.randn(rows, k, generator=g), torch.randn(n, k, generator=g)
         ref = x.double() @ w.double().t()
         y = cpu_linear.small_batch_linear(x, w)
@@ -87,7 +88,7 @@ def test_bf16_weights_sum_in_float32(rows):
     """bf16 x and weights: the product of their exact fp32 values, summed in fp32 and rounded to bf16 once (within
     one bf16 rounding of the float64 product; F.linear's own bf16 result may differ by such a rounding)."""
     g = torch.Generator().manual_seed(100 + rows)
-    for n, k in [(1, 1), (5, 7), (33, 8), (300, 37), (770, 768), (64, 2051)]:
+    for n, k in [(1, 1), (5, 7), (33, 8), (300, 37), (770, 768), (64, 2051), (65, 4100)]:
         x, w = torch.randn(rows, k, generator=g).bfloat16(), torch.randn(n, k, generator=g).bfloat16()
         y = cpu_linear.small_batch_linear(x, w)
         assert y.dtype == torch.bfloat16 and y.shape == (rows, n)
@@ -105,17 +106,20 @@ def test_shapes_views_and_threads():
     xt = torch.randn(40, 4, generator=g).t()  # a non-contiguous (4, 40) view
     wt = torch.randn(40, 96, generator=g).t()  # and a non-contiguous weight
     torch.testing.assert_close(cpu_linear.small_batch_linear(xt, wt), F.linear(xt, wt), rtol=1e-5, atol=1e-5)
-    # each output is summed by one thread in a fixed order: the thread count does not change a bit
-    big_w, big_x = torch.randn(1000, 256, generator=g), torch.randn(11, 256, generator=g)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = cpu_linear.small_batch_linear(big_x, big_w)
-        torch.set_num_threads(max(2, threads))
-        many = cpu_linear.small_batch_linear(big_x, big_w)
-    finally:
-        torch.set_num_threads(threads)
-    assert torch.equal(one, many)
+    # each output is summed by one thread in a fixed order: the thread count does not change a bit, nor whether a
+    # weight row is taken alone or with its neighbour (K >= 4096; odd N and the threads' shares move the pairs)
+    for n, k in [(1000, 256), (1001, 4100)]:
+        big_w, big_x = torch.randn(n, k, generator=g), torch.randn(11, k, generator=g)
+        threads = torch.get_num_threads()
+        try:
+            torch.set_num_threads(1)
+            one = cpu_linear.small_batch_linear(big_x, big_w)
+            torch.set_num_threads(max(2, threads))
+            many = cpu_linear.small_batch_linear(big_x, big_w)
+            alone = torch.cat([cpu_linear.small_batch_linear(big_x, big_w[i : i + 1]) for i in range(5)], dim=1)
+        finally:
+            torch.set_num_threads(threads)
+        assert torch.equal(one, many) and torch.equal(alone, many[:, :5])
 
 
 @pytest.mark.skipif(not has_cc, reason="no C compiler")

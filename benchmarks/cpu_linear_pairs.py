@@ -1,0 +1,132 @@
+"""``cpu_linear``'s kernel taking one weight row at a time against two (both loading each piece of the input rows
+once per pass), side by side in one process, on the products of one decode step.
+
+The kernel is built three times from its own source, differing only in ``PAIR_MIN_K``, the K from which it takes
+two weight rows at a time: never, the default (4,096), and always. Each build runs the same sequences of products
+(weights far larger than any cache, read in a step's order), the builds alternating round by round; every build's
+result is asserted equal to ``F.linear``'s. Reports ms per sequence (median of rounds) and GB/s of weights.
+
+    python benchmarks/cpu_linear_pairs.py [--rows 2 4 8 16] [--rounds 20] [--out benchmarks/results/cpu-avx2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+from bench_cpu import _cpu_info  # noqa: E402
+
+from modeling_llama import cpu_linear, native_build  # noqa: E402
+
+BUILDS = {"one row": 1 << 62, "default": None, "two rows": 0}  # PAIR_MIN_K (None: the source's own)
+
+
+def _sequences() -> dict[str, list[tuple[int, int]]]:
+    """(N, K) of each product, in a step's order: the 100M preset's 85, two of LLaMA-7B's layers."""
+    h, i, v = 768, 2048, 32000
+    small = [(h, h)] * 4 + [(i, h), (i, h), (h, i)]
+    big = [(4096, 4096)] * 4 + [(11008, 4096), (11008, 4096), (4096, 11008)]
+    return {
+        "100M step (85 products)": small * 12 + [(v, h)],
+        "100M down projections (768 x 2048) x 24": [(h, i)] * 24,
+        "7B, two layers (14 products)": big * 2,
+    }
+
+
+def _build(folder: Path) -> dict:
+    compilers = [c for c in native_build.c_compilers() if c and shutil.which(c)]
+    if not compilers:
+        raise SystemExit("no C compiler ($CC, cc, gcc, clang): nothing to compare")
+    src = folder / "kernel.c"
+    src.write_text(cpu_linear._SOURCE)
+    fns = {}
+    for name, pair_min_k in BUILDS.items():
+        lib = folder / f"{name.replace(' ', '_')}.so"
+        defines = [] if pair_min_k is None else [f"-DPAIR_MIN_K={pair_min_k}LL"]
+        subprocess.run([compilers[0], *cpu_linear._FLAGS, *defines, str(src), "-o", str(lib)], check=True)
+        fn = ctypes.CDLL(str(lib)).llama_small_batch_linear
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        fn.argtypes = [ptr, i64, ptr, i64, i64, ptr]  # x, M, w, N, K, y
+        fns[name] = fn
+    return fns
+
+
+def bench(fns: dict, shapes: list[tuple[int, int]], rows: int, rounds: int) -> dict:
+    g = torch.Generator().manual_seed(rows)
+    ws = [torch.randn(n, k, generator=g) * 0.02 for n, k in shapes]
+    nbytes = sum(w.numel() * 4 for w in ws)
+    xs = {k: torch.randn(rows, k, generator=g) for k in {k for _, k in shapes}}
+    ys = {n: torch.empty(rows, n) for n in {n for n, _ in shapes}}
+    for name, fn in fns.items():
+        for w in ws[:8]:
+            n, k = w.shape
+            fn(xs[k].data_ptr(), rows, w.data_ptr(), n, k, ys[n].data_ptr())
+            torch.testing.assert_close(ys[n], xs[k] @ w.T, rtol=1e-4, atol=1e-4, msg=name)
+    times = {name: [] for name in fns}
+    names = list(fns)
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            fn = fns[name]
+            t = time.perf_counter()
+            for w in ws:
+                n, k = w.shape
+                fn(xs[k].data_ptr(), rows, w.data_ptr(), n, k, ys[n].data_ptr())
+            times[name].append((time.perf_counter() - t) * 1e3)
+    ms = {name: statistics.median(v) for name, v in times.items()}
+    return {
+        "rows": rows,
+        "MB": round(nbytes / 1e6),
+        "ms": {k: round(v, 2) for k, v in ms.items()},
+        "GBps": {k: round(nbytes / v / 1e6, 2) for k, v in ms.items()},
+        "ms_rounds": {k: [round(x, 2) for x in v] for k, v in times.items()},
+    }
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rows", type=int, nargs="+", default=[2, 4, 8, 16])
+    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--out", default="benchmarks/results/cpu-avx2", help="folder for cpu_linear_pairs.{json,md}")
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        fns = _build(Path(tmp))
+        results = []
+        for label, shapes in _sequences().items():
+            for rows in args.rows:
+                row = {"sequence": label, **bench(fns, shapes, rows, args.rounds)}
+                results.append(row)
+                print(label, rows, row["GBps"], flush=True)
+    md = (
+        "| products | rows | MB | one row at a time GB/s | default GB/s | two rows GB/s | two rows / one row "
+        "| default / one row |\n|---|---|---|---|---|---|---|---|\n"
+    )
+    for r in results:
+        gb, ms = r["GBps"], r["ms"]
+        md += (
+            f"| {r['sequence']} | {r['rows']} | {r['MB']} | {gb['one row']:.1f} | {gb['default']:.1f} | "
+            f"{gb['two rows']:.1f} | {ms['one row'] / ms['two rows']:.3f}x | {ms['one row'] / ms['default']:.3f}x |\n"
+        )
+    meta = {"cpu": _cpu_info(), "torch": torch.__version__, "rounds": args.rounds, "date": time.strftime("%Y-%m-%d")}
+    meta["threads"] = torch.get_num_threads()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "cpu_linear_pairs.json").write_text(json.dumps({"meta": meta, "rows": results}, indent=1) + "\n")
+    (out / "cpu_linear_pairs.md").write_text(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
