@@ -132,7 +132,7 @@ def _rotary_table_forward(self: LlamaRotaryEmbedding, x: torch.Tensor, position_
     """``LlamaRotaryEmbedding.forward`` that, while being compiled, looks the angles' cos/sin up in the table
     :class:`FastDecoder` computed once in eager mode (same values); otherwise inductor fuses the cos/sin into the
     attention-score reduction and recomputes them for every cached key position."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() and self._fast_active:  # FastDecoder's steps only (positions < max_length)
         return self._fast_cos[position_ids].to(x.dtype), self._fast_sin[position_ids].to(x.dtype)  # (B, T, Dh)
     return type(self).forward(self, x, position_ids)
 
@@ -150,6 +150,15 @@ class FastDecoder:
             halves the weights' memory and runs faster than fp32 there: its step's products at batch 2-16 go to
             :mod:`cpu_linear`'s bf16 kernel, its prefill computes in fp32 with SDPA attention.
         compile: ``False`` runs the same static-cache loop eagerly (for comparison and debugging).
+        attn_implementation: the attention the steps run; default on CPU ``cpu_attention``'s one-row kernel
+            (``"llama_hf_decode"``) where it builds, else ``"eager"`` (fused by inductor), on CUDA the model's
+            own. Kept in :attr:`attn_implementation`.
+
+    The decoder works on ``model`` itself, not on a copy (a second copy of the weights would double the memory):
+    it converts the model to ``dtype`` in place and installs forwards on its linear and rotary modules that compute
+    the same products outside :meth:`generate` (their fast forms are only traced by its compiled steps). The
+    model's attention implementation is the step's during :meth:`generate` only. Pass ``copy.deepcopy(model)`` to
+    keep the original dtype.
 
     Example::
 
@@ -164,6 +173,7 @@ class FastDecoder:
         max_length: int,
         dtype: torch.dtype | None = None,
         compile: bool = True,
+        attn_implementation: str | None = None,
     ) -> None:
         from transformers import StaticCache
 
@@ -190,12 +200,16 @@ class FastDecoder:
         self._extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
         options = None
         linear_forward = None
+        # the model's attention outside generate() stays the user's; generate() sets the step's and restores it
+        self._user_attn = model.config._attn_implementation
+        self.attn_implementation = attn_implementation or self._user_attn
+        self._rotary: list[nn.Module] = []  # rotary modules whose cos/sin table the compiled steps look up
         emulated_bf16 = dtype == torch.bfloat16 and not native_bf16(self.device)  # CPUs without bf16 arithmetic
         if not self.cuda:
             # the step's one-row attention: cpu_attention's kernel (reads each cached key and value once, and only
             # the positions written so far), else the eager math, fused by inductor; the prefill runs eager either way
-            attn = cpu_attention.ATTN_IMPLEMENTATION if cpu_attention.available() else "eager"
-            model.config._attn_implementation = attn
+            default = cpu_attention.ATTN_IMPLEMENTATION if cpu_attention.available() else "eager"
+            self.attn_implementation = attn_implementation or default
             if batch_size == 1:
                 linear_forward = _gemv_linear_forward
             elif (
@@ -223,6 +237,8 @@ class FastDecoder:
                     t[0] for t in module(probe, torch.arange(max_length, device=self.device)[None])
                 )
                 module.forward = _rotary_table_forward.__get__(module)
+                module._fast_active = False  # set during generate(): a model compiled elsewhere computes cos/sin
+                self._rotary.append(module)
         # On CPU the step attends over a prefix of the cache (a bucket: 64, 128, ... positions, at most half of
         # max_length, then all of it), not over all max_length positions: reading the whole static cache made the
         # batch-8 step 3.3x slower at max_length 2048 than at 97, slower than stock generate().
@@ -301,19 +317,32 @@ class FastDecoder:
                 "and max_new_tokens >= 1; build the FastDecoder with a larger max_length."
             )
         input_ids = input_ids.to(self.device)
+        config = self.model.config
+        config._attn_implementation = self.attn_implementation
+        for module in self._rotary:
+            module._fast_active = True
+        try:
+            return self._generate(input_ids, max_new_tokens)
+        finally:  # the model outside generate(): the user's attention, cos/sin computed
+            config._attn_implementation = self._user_attn
+            for module in self._rotary:
+                module._fast_active = False
+
+    def _generate(self, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+        t = input_ids.shape[1]
         self.cache.reset()
         prefill_cache = None  # the whole cache, or the smallest bucket that holds the prompt once initialised
         if len(self.buckets) > 1 and getattr(self.cache.layers[0], "is_initialized", False):
             prefill_cache = self._bucket_cache(next(b for b in self.buckets if b >= t))
         flag = _PREFILL_WXT.set(self._prefill_wxt)
-        config, step_attn = self.model.config, self.model.config._attn_implementation
+        config = self.model.config
         if self._prefill_attn is not None:
             config._attn_implementation = self._prefill_attn
         try:
             nxt = self._forward(input_ids, torch.arange(t, device=self.device), prefill_cache)  # prefill, eager
         finally:
             _PREFILL_WXT.reset(flag)
-            config._attn_implementation = step_attn
+            config._attn_implementation = self.attn_implementation
         tokens = [nxt]
         positions = torch.arange(t, t + max_new_tokens, device=self.device)
         i, n_steps = 0, max_new_tokens - 1  # step i feeds the token at position t + i

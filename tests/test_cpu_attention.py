@@ -136,7 +136,7 @@ def test_fast_decoder_step_calls_the_kernel():
     reference_model = copy.deepcopy(stock)
     torch._dynamo.reset()
     dec = FastDecoder(ours, batch_size=2, max_length=40, dtype=torch.float32)
-    assert ours.config._attn_implementation == cpu_attention.ATTN_IMPLEMENTATION
+    assert dec.attn_implementation == cpu_attention.ATTN_IMPLEMENTATION
     prompt = torch.randint(3, 512, (2, 7), generator=torch.Generator().manual_seed(22))
     dec.generate(prompt, 4)  # compiles
     with torch.profiler.profile() as prof:
@@ -153,13 +153,13 @@ def test_opt_out_keeps_eager_attention(tmp_path):
 import json, torch
 from modeling_llama import FastDecoder, LlamaConfig, LlamaForCausalLM, cpu_attention
 model = LlamaForCausalLM(LlamaConfig.from_preset("tiny"))
-FastDecoder(model, batch_size=2, max_length=16, compile=False)
+dec = FastDecoder(model, batch_size=2, max_length=16, compile=False)
 try:
     cpu_attention.decode_attention(torch.randn(1, 1, 1, 8), torch.randn(1, 1, 2, 8), torch.randn(1, 1, 2, 8), None, 1.)
     error = ""
 except RuntimeError as e:
     error = str(e)
-print(json.dumps({"available": cpu_attention.available(), "attn": model.config._attn_implementation,
+print(json.dumps({"available": cpu_attention.available(), "attn": dec.attn_implementation,
                   "error": cpu_attention.ENV_VAR in error}))
 """
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "XDG_CACHE_HOME": str(tmp_path), cpu_attention.ENV_VAR: "0"}

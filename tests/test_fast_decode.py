@@ -101,13 +101,14 @@ def test_emulated_bf16_across_cache_buckets(monkeypatch):
 
     monkeypatch.setattr(fd, "native_bf16", lambda device: False)
     ours, stock = twin_models(seed=12)
+    users_attn = ours.config._attn_implementation
     dec = FastDecoder(ours, batch_size=2, max_length=200, dtype=torch.bfloat16, compile=False)
     assert dec.buckets == (64, 200) and dec._prefill_attn == "sdpa"
     for seed in (0, 1):
         prompt = torch.randint(3, 512, (2, 58), generator=torch.Generator().manual_seed(seed))
         out = dec.generate(prompt, 12)  # positions 58..69: bucket 64, then 200
         assert chosen_gap(stock.to(torch.bfloat16), prompt, out) <= 0.02
-    assert ours.config._attn_implementation == STEP_ATTN
+    assert ours.config._attn_implementation == users_attn  # the step's attention was set for generate() only
 
 
 def test_fast_decode_takes_a_stock_transformers_model():
@@ -132,13 +133,14 @@ def test_compiled_bf16_batch_picks_the_bf16_argmax(monkeypatch, native):
     monkeypatch.setattr(fd, "native_bf16", lambda device: native)
     kernel = not native and fd.cpu_linear.available(torch.bfloat16)
     ours, stock = twin_models(seed=8)
+    users_attn = ours.config._attn_implementation
     torch._dynamo.reset()
     dec = FastDecoder(ours, batch_size=3, max_length=PROMPT + NEW, dtype=torch.bfloat16)
     assert dec._prefill_attn == (None if native else "sdpa") and dec._prefill_wxt is kernel
     prompt = torch.randint(3, 512, (3, PROMPT), generator=torch.Generator().manual_seed(8))
     out = dec.generate(prompt, NEW)
     assert chosen_gap(stock.to(torch.bfloat16), prompt, out) <= 0.02
-    assert ours.config._attn_implementation == STEP_ATTN  # the prefill's SDPA is undone for the steps
+    assert ours.config._attn_implementation == users_attn  # the prefill's SDPA and the step's attention undone
     with torch.profiler.profile() as prof:
         dec.generate(prompt, 3)
     assert ("llama_hf::small_batch_linear" in {e.key for e in prof.key_averages()}) == kernel
@@ -190,3 +192,24 @@ def test_guard_skipping_falls_back_on_older_torch(monkeypatch):
     prompt = torch.randint(3, 512, (1, PROMPT), generator=torch.Generator().manual_seed(6))
     dec = FastDecoder(ours, batch_size=1, max_length=PROMPT + NEW, dtype=torch.float32, compile=False)
     assert torch.equal(dec.generate(prompt, NEW), stock_greedy(stock, prompt, NEW))
+
+
+def test_the_model_outside_generate_is_the_users():
+    """FastDecoder converts the model in place but leaves it computing as before outside ``generate()``: the user's
+    attention implementation, the eager logits, and a model compiled elsewhere over more positions than the
+    decoder's ``max_length`` (whose compiled steps look cos/sin up in a table of ``max_length`` positions)."""
+    ours, stock = twin_models(seed=13)
+    ours.config._attn_implementation = "sdpa"
+    torch._dynamo.reset()
+    dec = FastDecoder(ours, batch_size=2, max_length=PROMPT + NEW, dtype=torch.float32)
+    assert dec.attn_implementation == STEP_ATTN
+    prompt = torch.randint(3, 512, (2, PROMPT), generator=torch.Generator().manual_seed(13))
+    assert torch.equal(dec.generate(prompt, NEW), stock_greedy(stock, prompt, NEW))
+    assert ours.config._attn_implementation == "sdpa"
+    ids = torch.randint(0, 512, (2, 3 * (PROMPT + NEW)), generator=torch.Generator().manual_seed(14))
+    with torch.no_grad():
+        expected = stock(ids).logits
+        torch.testing.assert_close(ours(ids).logits, expected, rtol=1e-5, atol=1e-5)
+        traced = torch.compile(ours, backend="eager", fullgraph=True)  # dynamo traces the installed forwards
+        torch.testing.assert_close(traced(ids).logits, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(dec.generate(prompt, NEW), stock_greedy(stock, prompt, NEW))  # and the decoder still works
