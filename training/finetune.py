@@ -268,10 +268,10 @@ def main(argv: list[str] | None = None) -> int:
         if push:
             push_folder_to_hub(final, targs.hub_model_id, commit_message="Upload instruction-finetuned LLaMA")
             print(f"pushed {final} to {targs.hub_model_id}", file=sys.stderr)
-    # Every rank waits for rank 0's writes, then tears the process group down while the interpreter is alive:
-    # a gloo group left to interpreter shutdown can abort the process ("terminate called without an active
-    # exception", pytorch/pytorch#190489) after a successful run.
-    trainer.accelerator.wait_for_everyone()
+    # Each rank tears its process group down while the interpreter is alive: a gloo group left to interpreter
+    # shutdown can abort the process after a successful run ("terminate called without an active exception",
+    # pytorch/pytorch#190489). No collective follows the evaluation, so no barrier: the other ranks do not wait
+    # (and time out) while rank 0 merges or uploads.
     trainer.accelerator.end_training()
     return 0
 
