@@ -257,6 +257,12 @@ def main(argv: list[str] | None = None) -> int:
         metrics.update(trainer.evaluate())
         if "eval_loss" in metrics:
             metrics["eval_ppl"] = math.exp(min(metrics["eval_loss"], 50))
+    # The last collective is behind us: every rank tears the process group down here, together, while the
+    # interpreter is alive. A gloo group left to interpreter shutdown, or torn down by one rank while another
+    # still holds its own, aborted a rank after successful runs ("terminate called without an active exception",
+    # cf. pytorch/pytorch#190489). What follows is rank 0's alone (no rank waits on its merge or upload).
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()
     final = Path(targs.output_dir)
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(targs.output_dir)
@@ -268,11 +274,6 @@ def main(argv: list[str] | None = None) -> int:
         if push:
             push_folder_to_hub(final, targs.hub_model_id, commit_message="Upload instruction-finetuned LLaMA")
             print(f"pushed {final} to {targs.hub_model_id}", file=sys.stderr)
-    # Each rank tears its process group down while the interpreter is alive: a gloo group left to interpreter
-    # shutdown can abort the process after a successful run ("terminate called without an active exception",
-    # pytorch/pytorch#190489). No collective follows the evaluation, so no barrier: the other ranks do not wait
-    # (and time out) while rank 0 merges or uploads.
-    trainer.accelerator.end_training()
     return 0
 
 
