@@ -820,6 +820,7 @@ def main(argv: list[str] | None = None) -> int:
         trainer = setup(cfg)
         fit(trainer)
         folder = export(trainer) if cfg.export_hf else None
+        trainer.accelerator.wait_for_everyone()  # the ranks tear the process group down together (as finetune)
         trainer.accelerator.end_training()
         if folder is not None and cfg.sample_prompts and trainer.accelerator.is_main_process:
             print_samples(folder, list(cfg.sample_prompts), cfg.sample_max_new_tokens)
