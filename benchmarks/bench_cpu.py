@@ -635,6 +635,20 @@ def _cpu_info() -> dict:
     return info
 
 
+def run_meta(**settings) -> dict:
+    """The ``meta`` of a CPU benchmark's JSON: the processor, torch, the run's settings and the date."""
+    return {"cpu": _cpu_info(), "torch": torch.__version__, **settings, "date": time.strftime("%Y-%m-%d")}
+
+
+def write_results(out: str | Path, stem: str, result: dict, md: str) -> None:
+    """``out/<stem>.json`` (``result``) and ``out/<stem>.md`` (the table), and the table on stdout."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out / f"{stem}.md").write_text(md)
+    print(md)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", choices=["train", "decode", "tokenizer"], action="append")

@@ -1,10 +1,11 @@
 """``cpu_linear``'s kernel taking one weight row at a time against two (both loading each piece of the input rows
 once per pass), side by side in one process, on the products of one decode step.
 
-The kernel is built three times from its own source, differing only in ``PAIR_MIN_K``, the K from which it takes
-two weight rows at a time: never, the default (4,096), and always. Each build runs the same sequences of products
-(weights far larger than any cache, read in a step's order), the builds alternating round by round; every build's
-result is asserted equal to ``F.linear``'s. Reports ms per sequence (median of rounds) and GB/s of weights.
+The kernel is built three times from its own source (through ``native_build``, cached like the module's),
+differing only in ``PAIR_MIN_K``, the K from which it takes two weight rows at a time: never, the default (4,096),
+and always. Each build runs the same sequences of products (weights far larger than any cache, read in a step's
+order), the builds alternating round by round; every build's result is asserted equal to ``F.linear``'s. Reports
+ms per sequence (median of rounds) and GB/s of weights.
 
     python benchmarks/cpu_linear_pairs.py [--rows 2 4 8 16] [--rounds 20] [--out benchmarks/results/cpu-avx2]
 """
@@ -13,12 +14,8 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import json
-import shutil
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from bench_cpu import _cpu_info  # noqa: E402
+from bench_cpu import run_meta, write_results  # noqa: E402
 
 from modeling_llama import cpu_linear, native_build  # noqa: E402
 
@@ -45,17 +42,16 @@ def _sequences() -> dict[str, list[tuple[int, int]]]:
     }
 
 
-def _build(folder: Path) -> dict:
-    compilers = [c for c in native_build.c_compilers() if c and shutil.which(c)]
-    if not compilers:
-        raise SystemExit("no C compiler ($CC, cc, gcc, clang): nothing to compare")
-    src = folder / "kernel.c"
-    src.write_text(cpu_linear._SOURCE)
+def _build() -> dict:
     fns = {}
     for name, pair_min_k in BUILDS.items():
-        lib = folder / f"{name.replace(' ', '_')}.so"
         defines = [] if pair_min_k is None else [f"-DPAIR_MIN_K={pair_min_k}LL"]
-        subprocess.run([compilers[0], *cpu_linear._FLAGS, *defines, str(src), "-o", str(lib)], check=True)
+        stem = "llama_small_batch_linear_bench"
+        lib = native_build.build(
+            stem, cpu_linear._SOURCE, ".c", native_build.c_compilers(), [cpu_linear._FLAGS + defines]
+        )
+        if lib is None:
+            raise SystemExit("no C compiler ($CC, cc, gcc, clang) built the kernel: nothing to compare")
         fn = ctypes.CDLL(str(lib)).llama_small_batch_linear
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
         fn.argtypes = [ptr, i64, ptr, i64, i64, ptr]  # x, M, w, N, K, y
@@ -100,14 +96,13 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--out", default="benchmarks/results/cpu-avx2", help="folder for cpu_linear_pairs.{json,md}")
     args = p.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        fns = _build(Path(tmp))
-        results = []
-        for label, shapes in _sequences().items():
-            for rows in args.rows:
-                row = {"sequence": label, **bench(fns, shapes, rows, args.rounds)}
-                results.append(row)
-                print(label, rows, row["GBps"], flush=True)
+    fns = _build()
+    results = []
+    for label, shapes in _sequences().items():
+        for rows in args.rows:
+            row = {"sequence": label, **bench(fns, shapes, rows, args.rounds)}
+            results.append(row)
+            print(label, rows, row["GBps"], flush=True)
     md = (
         "| products | rows | MB | one row at a time GB/s | default GB/s | two rows GB/s | two rows / one row "
         "| default / one row |\n|---|---|---|---|---|---|---|---|\n"
@@ -118,13 +113,8 @@ def main() -> int:
             f"| {r['sequence']} | {r['rows']} | {r['MB']} | {gb['one row']:.1f} | {gb['default']:.1f} | "
             f"{gb['two rows']:.1f} | {ms['one row'] / ms['two rows']:.3f}x | {ms['one row'] / ms['default']:.3f}x |\n"
         )
-    meta = {"cpu": _cpu_info(), "torch": torch.__version__, "rounds": args.rounds, "date": time.strftime("%Y-%m-%d")}
-    meta["threads"] = torch.get_num_threads()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "cpu_linear_pairs.json").write_text(json.dumps({"meta": meta, "rows": results}, indent=1) + "\n")
-    (out / "cpu_linear_pairs.md").write_text(md)
-    print(md)
+    meta = run_meta(rounds=args.rounds, threads=torch.get_num_threads())
+    write_results(args.out, "cpu_linear_pairs", {"meta": meta, "rows": results}, md)
     return 0
 
 

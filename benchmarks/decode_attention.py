@@ -12,7 +12,6 @@ kernel's GB/s of keys and values read. Results are asserted equal to the eager m
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -23,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from bench_cpu import _cpu_info  # noqa: E402
+from bench_cpu import run_meta, write_results  # noqa: E402
 
 from modeling_llama import cpu_attention  # noqa: E402
 from modeling_llama.modeling_llama import eager_attention_forward  # noqa: E402
@@ -101,12 +100,7 @@ def main() -> int:
             f"{u['eager, compiled']:.0f} | {u['sdpa']:.0f} | {u['eager, compiled'] / u['kernel']:.2f}x | "
             f"{r['kernel_GBps']:.1f} |\n"
         )
-    meta = {"cpu": _cpu_info(), "torch": torch.__version__, "rounds": args.rounds, "date": time.strftime("%Y-%m-%d")}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "decode_attention.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-    (out / "decode_attention.md").write_text(md)
-    print(md)
+    write_results(args.out, "decode_attention", {"meta": run_meta(rounds=args.rounds), "rows": rows}, md)
     return 0
 
 

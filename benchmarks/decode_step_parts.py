@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import sys
 import time
@@ -30,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from bench_cpu import _cpu_info, _twins  # noqa: E402
+from bench_cpu import _twins, run_meta, write_results  # noqa: E402
 
 from modeling_llama import FastDecoder, cpu_attention, cpu_linear, fast_decode  # noqa: E402
 
@@ -107,9 +106,8 @@ def main() -> int:
             steps[name].append((time.perf_counter() - t - prefill) / args.new_tokens * 1e3)
     ratios = {n: statistics.median(x / a for x, a in zip(steps[n], steps["all"])) for n in names}
     result = {
-        "meta": {"cpu": _cpu_info(), "torch": torch.__version__, "preset": args.preset, "batch": args.batch,
-                 "prompt": args.prompt, "new_tokens": args.new_tokens, "rounds": args.rounds,
-                 "date": time.strftime("%Y-%m-%d")},
+        "meta": run_meta(preset=args.preset, batch=args.batch, prompt=args.prompt, new_tokens=args.new_tokens,
+                         rounds=args.rounds),
         "op_call_us": {k: [round(v, 2) for v in vs] for k, vs in costs.items()},
         "step_ms": {k: [round(v, 3) for v in vs] for k, vs in steps.items()},
         "step_ms_median": {k: round(statistics.median(v), 3) for k, v in steps.items()},
@@ -122,11 +120,7 @@ def main() -> int:
         + f"\nOne call of the product op on a tiny product (best of 3): C++ {min(costs['cpp']):.1f} µs, "
         f"Python {min(costs['python']):.1f} µs.\n"
     )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "decode_step_parts.json").write_text(json.dumps(result, indent=1) + "\n")
-    (out / "decode_step_parts.md").write_text(md)
-    print(md)
+    write_results(args.out, "decode_step_parts", result, md)
     return 0
 
 
