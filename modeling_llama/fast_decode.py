@@ -200,16 +200,17 @@ class FastDecoder:
         self._extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
         options = None
         linear_forward = None
-        # the model's attention outside generate() stays the user's; generate() sets the step's and restores it
+        # the model's attention outside generate() stays the user's; generate() sets the step's and restores it.
+        # On CPU the step's one-row attention is cpu_attention's kernel (reads each cached key and value once, and
+        # only the positions written so far), else the eager math, fused by inductor; the prefill runs eager either
+        # way. On CUDA the model's own.
         self._user_attn = model.config._attn_implementation
+        if attn_implementation is None and not self.cuda:
+            attn_implementation = cpu_attention.ATTN_IMPLEMENTATION if cpu_attention.available() else "eager"
         self.attn_implementation = attn_implementation or self._user_attn
         self._rotary: list[nn.Module] = []  # rotary modules whose cos/sin table the compiled steps look up
         emulated_bf16 = dtype == torch.bfloat16 and not native_bf16(self.device)  # CPUs without bf16 arithmetic
         if not self.cuda:
-            # the step's one-row attention: cpu_attention's kernel (reads each cached key and value once, and only
-            # the positions written so far), else the eager math, fused by inductor; the prefill runs eager either way
-            default = cpu_attention.ATTN_IMPLEMENTATION if cpu_attention.available() else "eager"
-            self.attn_implementation = attn_implementation or default
             if batch_size == 1:
                 linear_forward = _gemv_linear_forward
             elif (
