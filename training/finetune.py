@@ -176,18 +176,16 @@ def _outside_zero3():
     try:
         from transformers.integrations import deepspeed as hf_deepspeed
     except ImportError:
-        yield
-        return
+        hf_deepspeed = None
     ref = getattr(hf_deepspeed, "_hf_deepspeed_config_weak_ref", None)
     active = ref() if ref is not None else None
-    if active is None:
-        yield
-        return
-    hf_deepspeed.unset_hf_deepspeed_config()
+    if active is not None:
+        hf_deepspeed.unset_hf_deepspeed_config()
     try:
         yield
     finally:
-        hf_deepspeed.set_hf_deepspeed_config(active)
+        if active is not None:
+            hf_deepspeed.set_hf_deepspeed_config(active)
 
 
 def merge_adapters(ft: FinetuneArguments, targs, adapter_dir: str | Path, out: str | Path, tokenizer) -> Path:
