@@ -8,13 +8,18 @@ order), the builds alternating round by round; every build's result is asserted 
 ms per sequence (median of rounds) and GB/s of weights.
 
     python benchmarks/cpu_linear_pairs.py [--rows 2 4 8 16] [--rounds 20] [--out benchmarks/results/cpu-avx2]
+
+With ``--against REV`` it compares the kernel's source at git revision ``REV`` (``modeling_llama/cpu_linear.py``
+there) with this tree's instead, both with their own defaults, and writes ``cpu_linear_against_<REV>.{json,md}``.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import ctypes
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -42,14 +47,27 @@ def _sequences() -> dict[str, list[tuple[int, int]]]:
     }
 
 
-def _build() -> dict:
+def _source_at(rev: str) -> str:
+    """The kernel's C source (``_SOURCE`` of ``modeling_llama/cpu_linear.py``) at git revision ``rev``."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        text = subprocess.run(
+            ["git", "show", f"{rev}:modeling_llama/cpu_linear.py"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout
+    except (OSError, subprocess.CalledProcessError) as e:
+        raise SystemExit(f"cannot read modeling_llama/cpu_linear.py at {rev!r} with git: {e}") from None
+    for node in ast.parse(text).body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "_SOURCE" for t in node.targets):
+            return ast.literal_eval(node.value)
+    raise SystemExit(f"modeling_llama/cpu_linear.py at {rev!r} has no _SOURCE")
+
+
+def _build(builds: dict[str, tuple[str, list[str]]]) -> dict:
+    """name -> (C source, extra flags): each compiled (cached like the module's kernel), its entry by name."""
     fns = {}
-    for name, pair_min_k in BUILDS.items():
-        defines = [] if pair_min_k is None else [f"-DPAIR_MIN_K={pair_min_k}LL"]
+    for name, (source, defines) in builds.items():
         stem = "llama_small_batch_linear_bench"
-        lib = native_build.build(
-            stem, cpu_linear._SOURCE, ".c", native_build.c_compilers(), [cpu_linear._FLAGS + defines]
-        )
+        lib = native_build.build(stem, source, ".c", native_build.c_compilers(), [cpu_linear._FLAGS + defines])
         if lib is None:
             raise SystemExit("no C compiler ($CC, cc, gcc, clang) built the kernel: nothing to compare")
         fn = ctypes.CDLL(str(lib)).llama_small_batch_linear
@@ -94,27 +112,38 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", type=int, nargs="+", default=[2, 4, 8, 16])
     p.add_argument("--rounds", type=int, default=20)
-    p.add_argument("--out", default="benchmarks/results/cpu-avx2", help="folder for cpu_linear_pairs.{json,md}")
+    p.add_argument("--out", default="benchmarks/results/cpu-avx2", help="folder for the .json and .md")
+    p.add_argument("--against", metavar="REV", help="compare the kernel at this git revision with this tree's")
     args = p.parse_args()
-    fns = _build()
+    if args.against:
+        builds = {args.against: (_source_at(args.against), []), "this tree": (cpu_linear._SOURCE, [])}
+        stem = "cpu_linear_against_" + "".join(c if c.isalnum() else "_" for c in args.against)
+    else:
+        builds = {
+            name: (cpu_linear._SOURCE, [] if k is None else [f"-DPAIR_MIN_K={k}LL"]) for name, k in BUILDS.items()
+        }
+        stem = "cpu_linear_pairs"
+    fns = _build(builds)
     results = []
     for label, shapes in _sequences().items():
         for rows in args.rows:
             row = {"sequence": label, **bench(fns, shapes, rows, args.rounds)}
             results.append(row)
             print(label, rows, row["GBps"], flush=True)
+    names, first = list(builds), next(iter(builds))
     md = (
-        "| products | rows | MB | one row at a time GB/s | default GB/s | two rows GB/s | two rows / one row "
-        "| default / one row |\n|---|---|---|---|---|---|---|---|\n"
-    )
+        "| products | rows | MB | " + " | ".join(f"{n} GB/s" for n in names) + " | "
+        + " | ".join(f"{n} / {first}" for n in names[1:]) + " |\n|---|---|---|" + "---|" * (2 * len(names) - 1) + "\n"
+    )  # fmt: skip
     for r in results:
         gb, ms = r["GBps"], r["ms"]
         md += (
-            f"| {r['sequence']} | {r['rows']} | {r['MB']} | {gb['one row']:.1f} | {gb['default']:.1f} | "
-            f"{gb['two rows']:.1f} | {ms['one row'] / ms['two rows']:.3f}x | {ms['one row'] / ms['default']:.3f}x |\n"
-        )
-    meta = run_meta(rounds=args.rounds, threads=torch.get_num_threads())
-    write_results(args.out, "cpu_linear_pairs", {"meta": meta, "rows": results}, md)
+            f"| {r['sequence']} | {r['rows']} | {r['MB']} | " + " | ".join(f"{gb[n]:.1f}" for n in names) + " | "
+            + " | ".join(f"{ms[first] / ms[n]:.3f}x" for n in names[1:]) + " |\n"
+        )  # fmt: skip
+    md += f"\n(x: speed relative to {first}, from the medians of {args.rounds} alternating rounds.)\n"
+    meta = run_meta(rounds=args.rounds, threads=torch.get_num_threads(), builds=names)
+    write_results(args.out, stem, {"meta": meta, "rows": results}, md)
     return 0
 
 
