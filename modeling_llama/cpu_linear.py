@@ -63,23 +63,7 @@ typedef uint32_t u32x8 __attribute__((vector_size(32)));
 #define PREFETCH_BYTES 4096  /* ahead of the weight row being read */
 
 static inline v8 ld(const float* p) { v8 v; memcpy(&v, p, sizeof v); return v; }
-/* The sum of a's lanes, pairwise: ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7)). */
-static inline float hsum(v8 a) { return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7])); }
-
-/* s[m] = hsum(acc[m]) for the 8 accumulators of one weight row (8 input rows, unused ones zero): with AVX2, all at
-   once by horizontal adds in the same pairwise order (so the same bits), ~10 instructions instead of 8 dependent
-   scalar adds per row. At K = 768 a weight row is 96 pieces of 8, and the scalar sums made the loop ~30% slower. */
-static inline void hsums(const v8* acc, float* s) {
-#ifdef __AVX2__
-#define HADD(i, j) _mm256_hadd_ps((__m256)acc[i], (__m256)acc[j])  /* (an array copy here spilled to memory) */
-    const __m256 t0 = HADD(0, 1), t1 = HADD(2, 3), t2 = HADD(4, 5), t3 = HADD(6, 7);  /* pairs of lanes */
-#undef HADD
-    const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);  /* fours: rows 0-3, 4-7; low, high */
-    _mm256_storeu_ps(s, _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31)));
-#else
-    for (int m = 0; m < 8; m++) s[m] = hsum(acc[m]);
-#endif
-}
+static inline float hsum(v8 a) { float s = 0.f; for (int i = 0; i < 8; i++) s += a[i]; return s; }
 
 /* bf16 -> fp32 is exact: the 16 bits become the high half of the float (a zero-extend and a shift) */
 static inline v8 ld_bf16(const uint16_t* p) {
@@ -116,17 +100,17 @@ static void NAME(const float* x, const WT* wr, int64_t K, float* y, int64_t ldy)
 #define DEFINE_ROW(NAME, MM, WT, LOADW, SCALARW)                                                            \
 static void NAME(const float* x, const WT* wr, int64_t K, float* y, int64_t ldy) {                          \
     const int64_t K8 = K & ~(int64_t)7;                                                                     \
-    v8 acc[8] = {{0}};  /* the first MM used */                                                             \
+    v8 acc[MM];                                                                                             \
+    for (int m = 0; m < MM; m++) acc[m] = (v8){0};                                                          \
     for (int64_t k = 0; k < K8; k += 8) {                                                                   \
         __builtin_prefetch(wr + k + PREFETCH_BYTES / sizeof(WT), 0, 0);                                     \
         v8 wv = LOADW(wr + k);                                                                              \
         for (int m = 0; m < MM; m++) acc[m] += wv * ld(x + m * K + k);                                      \
     }                                                                                                       \
-    float s[8];                                                                                             \
-    hsums(acc, s);                                                                                          \
     for (int m = 0; m < MM; m++) {                                                                          \
-        for (int64_t k = K8; k < K; k++) s[m] += SCALARW(wr[k]) * x[m * K + k];                             \
-        y[m * ldy] = s[m];                                                                                  \
+        float s = hsum(acc[m]);                                                                             \
+        for (int64_t k = K8; k < K; k++) s += SCALARW(wr[k]) * x[m * K + k];                                \
+        y[m * ldy] = s;                                                                                     \
     }                                                                                                       \
 }
 
@@ -138,7 +122,8 @@ static void NAME(const float* x, const WT* wr, int64_t K, float* y, int64_t ldy)
 static void NAME(const float* x, const WT* wr, int64_t K, float* y, int64_t ldy) {                          \
     const int64_t K8 = K & ~(int64_t)7;                                                                     \
     const WT* wr1 = wr + K;                                                                                 \
-    v8 acc0[8] = {{0}}, acc1[8] = {{0}};  /* the first MM used */                                           \
+    v8 acc0[MM], acc1[MM];                                                                                  \
+    for (int m = 0; m < MM; m++) acc0[m] = acc1[m] = (v8){0};                                               \
     for (int64_t k = 0; k < K8; k += 8) {                                                                   \
         __builtin_prefetch(wr + k + PREFETCH_BYTES / sizeof(WT), 0, 0);                                     \
         __builtin_prefetch(wr1 + k + PREFETCH_BYTES / sizeof(WT), 0, 0);                                    \
@@ -149,14 +134,12 @@ static void NAME(const float* x, const WT* wr, int64_t K, float* y, int64_t ldy)
             acc1[m] += w1 * xv;                                                                             \
         }                                                                                                   \
     }                                                                                                       \
-    float s0[8], s1[8];                                                                                     \
-    hsums(acc0, s0);                                                                                        \
-    hsums(acc1, s1);                                                                                        \
     for (int m = 0; m < MM; m++) {                                                                          \
-        for (int64_t k = K8; k < K; k++) s0[m] += SCALARW(wr[k]) * x[m * K + k];                            \
-        for (int64_t k = K8; k < K; k++) s1[m] += SCALARW(wr1[k]) * x[m * K + k];                           \
-        y[m * ldy] = s0[m];                                                                                 \
-        y[m * ldy + 1] = s1[m];                                                                             \
+        float s0 = hsum(acc0[m]), s1 = hsum(acc1[m]);                                                       \
+        for (int64_t k = K8; k < K; k++) s0 += SCALARW(wr[k]) * x[m * K + k];                               \
+        for (int64_t k = K8; k < K; k++) s1 += SCALARW(wr1[k]) * x[m * K + k];                              \
+        y[m * ldy] = s0;                                                                                    \
+        y[m * ldy + 1] = s1;                                                                                \
     }                                                                                                       \
 }
 
