@@ -42,3 +42,30 @@ def test_decode_tables_render_every_row(name):
             assert f"| {r['fast_bf16_tokens_per_s']:.1f} | {r['fast_bf16_vs_stock']:.2f}x |" in bf16
     if all("fast_step_fraction_of_bound" in r for r in rows):  # a file from the current script: every cell filled
         assert "nan" not in md
+
+
+def test_kernel_source_at_a_git_revision():
+    """``cpu_linear_pairs.py --against REV`` builds the kernel from ``REV``'s ``modeling_llama/cpu_linear.py``: at
+    HEAD (this tree's file unmodified) that is the module's own source; an unknown revision says which."""
+    import shutil
+    import subprocess
+    import sys
+
+    git = shutil.which("git")
+    if git is None or subprocess.run([git, "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True).returncode:
+        pytest.skip("not a git checkout")
+    if subprocess.run([git, "diff", "--quiet", "HEAD", "--", "modeling_llama/cpu_linear.py"], cwd=REPO_ROOT).returncode:
+        pytest.skip("modeling_llama/cpu_linear.py differs from HEAD here")
+    bench = REPO_ROOT / "benchmarks"
+    sys.path.insert(0, str(bench))  # (the script imports bench_cpu from its folder)
+    try:
+        spec = importlib.util.spec_from_file_location("cpu_linear_pairs", bench / "cpu_linear_pairs.py")
+        pairs = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(pairs)
+    finally:
+        sys.path.remove(str(bench))
+    from modeling_llama import cpu_linear
+
+    assert pairs._source_at("HEAD") == cpu_linear._SOURCE
+    with pytest.raises(SystemExit, match="no-such-revision"):
+        pairs._source_at("no-such-revision")
