@@ -359,6 +359,15 @@ def bench_decode(
             row["cpu_linear_rows_GBps"] = linear_rate(weight_bytes, dec.dtype, batch, kernel=True) / 1e9
         del dec
         gc.collect()
+        if compile:
+            # the same fast path with its steps' wrapper compiled to C++ (FastDecoder(cpp_wrapper=True), an opt-in:
+            # each step's first compile takes ~40 s longer)
+            dec = FastDecoder(copy.deepcopy(ours), batch, prompt_len + new_tokens + 1, cpp_wrapper=True)
+            cpp = _time_fast(dec, prompt, new_tokens, repeats, streamed, reference=ref[:, prompt_len:])
+            row.update({"fast_cpp_" + k.removeprefix("fast_"): v for k, v in cpp.items()})
+            row["fast_cpp_vs_stock"] = cpp["fast_tokens_per_s"] / row["stock_tokens_per_s"]
+            del dec
+            gc.collect()
         if bf16_rows and row["fast_dtype"] != "bfloat16":
             # the fast path with dtype=bfloat16 where the CPU has no bf16 arithmetic (half the weight memory): the
             # bf16 products in cpu_linear's kernel at batch 2-16, inductor's upcasting loop at batch 1
@@ -576,6 +585,24 @@ def to_markdown(meta: dict, results: dict) -> str:
                 f"{r['stock_prefill_ms']:.0f} / {r['ours_prefill_ms']:.0f} |"
             )
         lines.append("")
+        cpp_rows = [r for r in results["decode"] if "fast_cpp_tokens_per_s" in r]
+        if cpp_rows:
+            lines += [
+                "| greedy decode (100M), fastest path with `cpp_wrapper=True` (the step's wrapper in C++) | tok/s "
+                "| / stock | / fastest (Python wrapper), one after the other | bound tok/s | / bound | step tok/s "
+                "| step / bound | step / bound, per pair | tokens = fp32 greedy's |",
+                "|---|---|---|---|---|---|---|---|---|---|",
+            ]
+            for r in cpp_rows:
+                per_pair = ", ".join(f"{x:.0%}" for x in r["fast_cpp_step_fraction_of_bound_runs"])
+                lines.append(
+                    f"| batch {r['batch']}, {r['prompt']}+{r['new_tokens']} | {r['fast_cpp_tokens_per_s']:.1f} | "
+                    f"{r['fast_cpp_vs_stock']:.2f}x | {r['fast_cpp_tokens_per_s'] / r['fast_tokens_per_s']:.2f}x | "
+                    f"{r['fast_cpp_bound_tokens_per_s']:.1f} | {r['fast_cpp_fraction_of_bound']:.0%} | "
+                    f"{r['fast_cpp_step_tokens_per_s']:.1f} | {r['fast_cpp_step_fraction_of_bound']:.0%} | "
+                    f"{per_pair} | {r['fast_cpp_agreement_with_fp32_greedy']:.0%} |"
+                )
+            lines.append("")
         bf16_rows = [r for r in results["decode"] if "fast_bf16_tokens_per_s" in r]
         if bf16_rows:
             lines += [

@@ -2,15 +2,17 @@
 
 ``FastDecoder`` at batch 2-16 on CPU runs its step's products through ``cpu_linear``'s op (85 calls per token,
 ``100M`` preset; its CPU implementation is C++ where it builds, Python otherwise) and its one-row attention through
-``cpu_attention``'s kernel (else the eager math, which inductor fuses). This script builds three decoders on three
-copies of one model and alternates their ``generate`` calls:
+``cpu_attention``'s kernel (else the eager math, which inductor fuses). This script builds four decoders on four
+copies of one model (ours; runs before 2026-11-30's seventh session used stock transformers' model with the same
+weights) and alternates their ``generate`` calls:
 
 - ``all``: what ``FastDecoder`` runs here (the op in C++, the attention kernel);
 - ``eager attention``: the same with the step's attention left to inductor (``attn_implementation="eager"``);
-- ``op in Python``: the same with the product op's Python implementation (registered here as a second op).
+- ``op in Python``: the same with the product op's Python implementation (registered here as a second op);
+- ``C++ wrapper``: ``all`` with the step's wrapper compiled to C++ (``FastDecoder(cpp_wrapper=True)``).
 
 It reports each op call's cost alone (a tiny product), the steady step (``(generate of 1 + N new tokens -
-generate of 1) / N``) as medians and as the median of per-round ratios to ``all``, and asserts the three decoders'
+generate of 1) / N``) as medians and as the median of per-round ratios to ``all``, and asserts the decoders'
 tokens equal.
 
     python benchmarks/decode_step_parts.py [--rounds 12] [--out benchmarks/results/cpu-avx2]
@@ -77,12 +79,16 @@ def main() -> int:
         costs["cpp"].append(call_cost(native_op, args.batch))
         costs["python"].append(call_cost(python_op, args.batch))
 
-    _, model = _twins(args.preset)
-    models = {"all": model, "eager attention": copy.deepcopy(model), "op in Python": copy.deepcopy(model)}
+    model, _ = _twins(args.preset)
+    names = ["all", "eager attention", "op in Python", "C++ wrapper"]
+    models = {name: model if name == "all" else copy.deepcopy(model) for name in names}
     max_length = args.prompt + args.new_tokens + 1
     attn = {"eager attention": "eager"}  # the step's attention left to inductor
     decoders = {
-        name: FastDecoder(m, args.batch, max_length, attn_implementation=attn.get(name)) for name, m in models.items()
+        name: FastDecoder(
+            m, args.batch, max_length, attn_implementation=attn.get(name), cpp_wrapper=name == "C++ wrapper"
+        )
+        for name, m in models.items()
     }
     for module in models["op in Python"].modules():
         if isinstance(module, torch.nn.Linear):
@@ -93,10 +99,9 @@ def main() -> int:
     for name in decoders:
         assert torch.equal(tokens[name], tokens["all"]), f"{name} gave other tokens than all"
 
-    names = list(decoders)
     steps = {name: [] for name in names}
     for i in range(args.rounds):
-        for name in names[i % 3 :] + names[: i % 3]:  # each decoder first in turn
+        for name in names[i % len(names) :] + names[: i % len(names)]:  # each decoder first in turn
             dec = decoders[name]
             t = time.perf_counter()
             dec.generate(prompt, 1)

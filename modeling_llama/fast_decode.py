@@ -153,6 +153,12 @@ class FastDecoder:
         attn_implementation: the attention the steps run; default on CPU ``cpu_attention``'s one-row kernel
             (``"llama_hf_decode"``) where it builds, else ``"eager"`` (fused by inductor), on CUDA the model's
             own. Kept in :attr:`attn_implementation`.
+        cpp_wrapper: on CPU, compile each step's wrapper (the code that calls its kernels, ~170 calls a token at
+            the ``100M`` preset) to C++ instead of Python: inductor's ``cpp_wrapper``. At batch 8 on 2 AVX2 cores
+            the steps took 0.94x the time (``benchmarks/RESULTS.md``). The cost: the first compile of each step
+            takes ~40 s longer (inductor caches it on disk, so later processes on the machine load it). Worth it
+            for long or repeated generation; off by default. Ignored on CUDA, where CUDA graphs replay the step
+            without its wrapper.
 
     The decoder works on ``model`` itself, not on a copy (a second copy of the weights would double the memory):
     it converts the model to ``dtype`` in place and installs forwards on its linear and rotary modules that compute
@@ -174,6 +180,7 @@ class FastDecoder:
         dtype: torch.dtype | None = None,
         compile: bool = True,
         attn_implementation: str | None = None,
+        cpp_wrapper: bool = False,
     ) -> None:
         from transformers import StaticCache
 
@@ -223,6 +230,9 @@ class FastDecoder:
                 linear_forward = _small_batch_linear_forward
             else:
                 options = {"freezing": True}  # weights become constants, pre-packed for oneDNN's GEMM
+        self.cpp_wrapper = bool(cpp_wrapper and compile and not self.cuda)
+        if self.cpp_wrapper:
+            options = {**(options or {}), "cpp_wrapper": True}
         # the eager prefill's linears as W @ xᵀ in fp32 (CPU, fp32 or emulated bf16: where the installed forwards
         # read the flag)
         self._prefill_wxt = linear_forward is not None and (dtype == torch.float32 or emulated_bf16)
@@ -245,7 +255,7 @@ class FastDecoder:
         # batch-8 step 3.3x slower at max_length 2048 than at 97, slower than stock generate().
         # One bucket on CUDA (CUDA graphs; untested there) and with freezing (each graph would hold its own
         # pre-packed copy of the weights).
-        views = not self.cuda and options is None and hasattr(self.cache, "layers")
+        views = not self.cuda and not (options or {}).get("freezing") and hasattr(self.cache, "layers")
         self.buckets = _cache_buckets(max_length) if views else (max_length,)
         self._caches = {max_length: self.cache}  # bucket -> a cache whose tensors are views of self.cache's
         early_init = getattr(self.cache, "early_initialization", None)  # the views need the tensors before prefill

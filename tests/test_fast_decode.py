@@ -57,6 +57,23 @@ def test_compiled_fast_decode_matches_stock_generate(batch, kernel, monkeypatch)
         torch.testing.assert_close(ours(ids).logits, stock(ids).logits, rtol=1e-5, atol=1e-5)
 
 
+def test_cpp_wrapper_step_matches_stock_generate():
+    """``cpp_wrapper=True``: the compiled step's wrapper is C++ (inductor's ``cpp_wrapper``), and its tokens are
+    still stock greedy's, also on the calls that skip guard evaluation. Off without compilation."""
+    from torch._inductor.utils import run_and_get_code
+
+    ours, stock = twin_models(seed=3)
+    torch._dynamo.reset()
+    assert not FastDecoder(ours, 3, PROMPT + NEW + 3, dtype=torch.float32, compile=False, cpp_wrapper=True).cpp_wrapper
+    dec = FastDecoder(ours, batch_size=3, max_length=PROMPT + NEW + 3, dtype=torch.float32, cpp_wrapper=True)
+    assert dec.cpp_wrapper
+    prompts = [torch.randint(3, 512, (3, PROMPT), generator=torch.Generator().manual_seed(s)) for s in (0, 1)]
+    out, codes = run_and_get_code(dec.generate, prompts[0], NEW)  # compiles
+    assert codes and all("CppWrapperCodeCache" in code for code in codes), [code[:200] for code in codes]
+    assert torch.equal(out, stock_greedy(stock, prompts[0], NEW))
+    assert torch.equal(dec.generate(prompts[1], NEW), stock_greedy(stock, prompts[1], NEW))
+
+
 @pytest.mark.parametrize("compile", [True, False])
 def test_steps_attend_over_cache_buckets(compile):
     """A long max_length: the step reads a 64-position view of the cache while the positions fit, then all of it;
