@@ -361,7 +361,7 @@ def bench_decode(
         gc.collect()
         if compile:
             # the same fast path with its steps' wrapper compiled to C++ (FastDecoder(cpp_wrapper=True), an opt-in:
-            # each step's first compile takes ~40 s longer)
+            # each step's first compile takes ~35% longer)
             dec = FastDecoder(copy.deepcopy(ours), batch, prompt_len + new_tokens + 1, cpp_wrapper=True)
             cpp = _time_fast(dec, prompt, new_tokens, repeats, streamed, reference=ref[:, prompt_len:])
             row.update({"fast_cpp_" + k.removeprefix("fast_"): v for k, v in cpp.items()})

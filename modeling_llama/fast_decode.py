@@ -155,10 +155,10 @@ class FastDecoder:
             own. Kept in :attr:`attn_implementation`.
         cpp_wrapper: on CPU, compile each step's wrapper (the code that calls its kernels, ~170 calls a token at
             the ``100M`` preset) to C++ instead of Python: inductor's ``cpp_wrapper``. At batch 8 on 2 AVX2 cores
-            the steps took 0.94x the time (``benchmarks/RESULTS.md``). The cost: the first compile of each step
-            takes ~40 s longer (inductor caches it on disk, so later processes on the machine load it). Worth it
-            for long or repeated generation; off by default. Ignored on CUDA, where CUDA graphs replay the step
-            without its wrapper.
+            the steps took 0.94x-0.97x the time (``benchmarks/RESULTS.md``); batch 1 gains nothing. The cost: each
+            step's first compile takes ~35% longer (``100M``, 2 cores: 57 s against 42 s; inductor caches it on
+            disk, so later processes on the machine load it). Worth it for long or repeated generation at batch
+            2-16; off by default. Ignored on CUDA, where CUDA graphs replay the step without its wrapper.
 
     The decoder works on ``model`` itself, not on a copy (a second copy of the weights would double the memory):
     it converts the model to ``dtype`` in place and installs forwards on its linear and rotary modules that compute
