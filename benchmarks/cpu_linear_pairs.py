@@ -130,7 +130,8 @@ def main() -> int:
             row = {"sequence": label, **bench(fns, shapes, rows, args.rounds)}
             results.append(row)
             print(label, rows, row["GBps"], flush=True)
-    names, first = list(builds), next(iter(builds))
+    names = list(builds)
+    first = names[0]
     md = (
         "| products | rows | MB | " + " | ".join(f"{n} GB/s" for n in names) + " | "
         + " | ".join(f"{n} / {first}" for n in names[1:]) + " |\n|---|---|---|" + "---|" * (2 * len(names) - 1) + "\n"

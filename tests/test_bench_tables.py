@@ -13,8 +13,9 @@ from conftest import REPO_ROOT
 RESULTS = REPO_ROOT / "benchmarks" / "results" / "cpu-avx2"
 
 
-def bench_cpu():
-    spec = importlib.util.spec_from_file_location("bench_cpu", REPO_ROOT / "benchmarks" / "bench_cpu.py")
+def bench_script(name: str):
+    """``benchmarks/<name>.py`` imported as a module (its ``main`` not run)."""
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -25,7 +26,7 @@ def bench_cpu():
 )
 def test_decode_tables_render_every_row(name):
     raw = json.loads((RESULTS / name).read_text())
-    md = bench_cpu().to_markdown(raw["meta"], raw["results"])
+    md = bench_script("bench_cpu").to_markdown(raw["meta"], raw["results"])
     rows = raw["results"]["decode"]
     for r in rows:
         if "max_length" in r:  # the long-cache table
@@ -49,21 +50,13 @@ def test_kernel_source_at_a_git_revision():
     HEAD (this tree's file unmodified) that is the module's own source; an unknown revision says which."""
     import shutil
     import subprocess
-    import sys
 
     git = shutil.which("git")
     if git is None or subprocess.run([git, "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True).returncode:
         pytest.skip("not a git checkout")
     if subprocess.run([git, "diff", "--quiet", "HEAD", "--", "modeling_llama/cpu_linear.py"], cwd=REPO_ROOT).returncode:
         pytest.skip("modeling_llama/cpu_linear.py differs from HEAD here")
-    bench = REPO_ROOT / "benchmarks"
-    sys.path.insert(0, str(bench))  # (the script imports bench_cpu from its folder)
-    try:
-        spec = importlib.util.spec_from_file_location("cpu_linear_pairs", bench / "cpu_linear_pairs.py")
-        pairs = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(pairs)
-    finally:
-        sys.path.remove(str(bench))
+    pairs = bench_script("cpu_linear_pairs")  # (it puts its folder on sys.path for bench_cpu itself)
     from modeling_llama import cpu_linear
 
     assert pairs._source_at("HEAD") == cpu_linear._SOURCE
