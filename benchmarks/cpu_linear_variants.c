@@ -4,10 +4,13 @@
    q, k, v, o 768x768, gate, up 2048x768, down 768x2048, and the 32000x768 head: 438 MB, far larger than any
    cache), read in that order, as the step reads them.
 
-       cc -O3 -march=native -fopenmp benchmarks/cpu_linear_variants.c -o /tmp/variants
+       cc -O3 -march=native -fopenmp benchmarks/cpu_linear_variants.c -o /tmp/variants -lm
        OMP_NUM_THREADS=2 /tmp/variants          # cold: GB/s of weights per variant, best of 5, 3 rounds
        OMP_NUM_THREADS=1 /tmp/variants hot      # one core, the layers' products only, each re-reading the
                                                 # first N x K weights (<= 6.3 MB: from the last-level cache)
+       /tmp/variants levels                     # the kernel and a read-only pass over one N x 768 weight read
+                                                # again and again, from 48 KB (L1/L2) to 192 MB (memory), on one
+                                                # thread and on all: where the weights come from sets the rate
 
    "bf16 weights" is the kernel's bf16 entry (the same loop, each 8-weight piece widened to fp32): its GB/s count
    bf16 bytes, half of fp32's for the same products; both print their time too.
@@ -199,6 +202,39 @@ static void kernel_bf16(const float* x, const float* w_as_float, int64_t N, int6
 
 static double now(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec + 1e-9 * t.tv_nsec; }
 
+/* "levels": one weight of N x 768 (the q/k/v/o products' K), multiplied again and again, so that it is read from
+   the cache level its size fits (or from memory), by the kernel and by the read-only pass; on one thread and on
+   omp_get_max_threads(). GB/s of weights, best of 5 (each timing ~0.3 GB of weights read). */
+static int levels(const float* X, const float* W, int64_t total, float* Y) {
+    const int64_t K = 768, sizes[] = {16, 64, 256, 1024, 4096, 16384, 65536};
+    const int maxt = omp_get_max_threads();
+    printf("one N x 768 fp32 weight read again and again, 8 input rows: GB/s of weights, best of 5\n");
+    printf("%9s %10s | %-22s | %-22s\n", "N", "weight", "1 thread: read / kernel", "all threads: read / kernel");
+    for (unsigned i = 0; i < sizeof sizes / sizeof sizes[0]; i++) {
+        const int64_t N = sizes[i], bytes = N * K * 4;
+        if (N * K > total) break;
+        const int reps = (int)(3e8 / bytes) + 1;
+        printf("%9ld %8.0f KB |", (long)N, bytes / 1024.0);
+        for (int threads = 1; threads <= maxt; threads = threads == maxt ? maxt + 1 : maxt) {
+            omp_set_num_threads(threads);
+            const fn pair[2] = {read_only, kernel};
+            for (int f = 0; f < 2; f++) {
+                double best = 1e9;
+                for (int it = 0; it < 5; it++) {
+                    const double t0 = now();
+                    for (int r = 0; r < reps; r++) pair[f](X, W, N, K, Y);
+                    const double dt = (now() - t0) / reps;
+                    best = dt < best ? dt : best;
+                }
+                printf(" %9.1f%s", bytes / best / 1e9, f ? " |" : "");
+            }
+        }
+        printf("\n");
+    }
+    omp_set_num_threads(maxt);
+    return 0;
+}
+
 int main(int argc, char** argv) {
     const int hot = argc > 1 && !strcmp(argv[1], "hot");
     enum { L = 12, H = 768, I = 2048, V = 32000 };  /* every N is a multiple of 16 */
@@ -223,6 +259,7 @@ int main(int argc, char** argv) {
                 P[off + (n / 16) * K * 16 + k * 16 + n % 16] = W[off + n * K + k];
             off += N * K;
         }
+    if (argc > 1 && !strcmp(argv[1], "levels")) return levels(X, W, total, Y);
     const fn fns[] = {read_only, kernel, tile_4x2, tile_2x4, tile_3x4, tile_4x3, tile_2x8, kblock, padded, panel16,
                       kernel_bf16};
     const char* names[] = {"read only", "kernel", "tile 4x2", "tile 2x4", "tile 3x4", "tile 4x3", "tile 2x8",

@@ -62,3 +62,24 @@ def test_kernel_source_at_a_git_revision():
     assert pairs._source_at("HEAD") == cpu_linear._SOURCE
     with pytest.raises(SystemExit, match="no-such-revision"):
         pairs._source_at("no-such-revision")
+
+
+def test_c_harness_builds_with_the_documented_command(tmp_path):
+    """``benchmarks/cpu_linear_variants.c`` links with the command the README gives (it needs ``-lm``: the
+    command without it had stopped linking) and which its own header repeats."""
+    import shlex
+    import shutil
+    import subprocess
+
+    if shutil.which("cc") is None:
+        pytest.skip("no C compiler")
+    readme = (REPO_ROOT / "README.md").read_text()
+    line = next(x for x in readme.splitlines() if x.startswith("cc ") and "cpu_linear_variants.c" in x)
+    build = line.split("&&")[0].strip()
+    header = (REPO_ROOT / "benchmarks" / "cpu_linear_variants.c").read_text().split("*/")[0]
+    assert build in header
+    args = shlex.split(build)
+    args[args.index("-o") + 1] = str(tmp_path / "variants")
+    done = subprocess.run(args, cwd=REPO_ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "variants").stat().st_size > 0
