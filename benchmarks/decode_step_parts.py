@@ -2,14 +2,16 @@
 
 ``FastDecoder`` at batch 2-16 on CPU runs its step's products through ``cpu_linear``'s op (85 calls per token,
 ``100M`` preset; its CPU implementation is C++ where it builds, Python otherwise) and its one-row attention through
-``cpu_attention``'s kernel (else the eager math, which inductor fuses). This script builds four decoders on four
+``cpu_attention``'s kernel (else the eager math, which inductor fuses). This script builds five decoders on five
 copies of one model (ours; runs before 2026-11-30's seventh session used stock transformers' model with the same
 weights) and alternates their ``generate`` calls:
 
 - ``all``: what ``FastDecoder`` runs here (the op in C++, the attention kernel);
 - ``eager attention``: the same with the step's attention left to inductor (``attn_implementation="eager"``);
 - ``op in Python``: the same with the product op's Python implementation (registered here as a second op);
-- ``C++ wrapper``: ``all`` with the step's wrapper compiled to C++ (``FastDecoder(cpp_wrapper=True)``).
+- ``C++ wrapper``: ``all`` with the step's wrapper compiled to C++ (``FastDecoder(cpp_wrapper=True)``);
+- ``4 KB pages``: ``all`` with the weights left where torch allocated them (``FastDecoder(huge_pages=False)``;
+  ``all`` moves them to transparent huge pages where the system has them).
 
 It reports each op call's cost alone (a tiny product), the steady step (``(generate of 1 + N new tokens -
 generate of 1) / N``) as medians and as the median of per-round ratios to ``all``, and asserts the decoders'
@@ -80,13 +82,18 @@ def main() -> int:
         costs["python"].append(call_cost(python_op, args.batch))
 
     model, _ = _twins(args.preset)
-    names = ["all", "eager attention", "op in Python", "C++ wrapper"]
+    names = ["all", "eager attention", "op in Python", "C++ wrapper", "4 KB pages"]
     models = {name: model if name == "all" else copy.deepcopy(model) for name in names}
     max_length = args.prompt + args.new_tokens + 1
     attn = {"eager attention": "eager"}  # the step's attention left to inductor
     decoders = {
         name: FastDecoder(
-            m, args.batch, max_length, attn_implementation=attn.get(name), cpp_wrapper=name == "C++ wrapper"
+            m,
+            args.batch,
+            max_length,
+            attn_implementation=attn.get(name),
+            cpp_wrapper=name == "C++ wrapper",
+            huge_pages=name != "4 KB pages",
         )
         for name, m in models.items()
     }
@@ -114,6 +121,7 @@ def main() -> int:
         "meta": run_meta(preset=args.preset, batch=args.batch, prompt=args.prompt, new_tokens=args.new_tokens,
                          rounds=args.rounds),
         "op_call_us": {k: [round(v, 2) for v in vs] for k, vs in costs.items()},
+        "huge_page_bytes": {n: dec.huge_page_bytes for n, dec in decoders.items()},
         "step_ms": {k: [round(v, 3) for v in vs] for k, vs in steps.items()},
         "step_ms_median": {k: round(statistics.median(v), 3) for k, v in steps.items()},
         "step_over_all_median_of_rounds": {k: round(v, 4) for k, v in ratios.items()},

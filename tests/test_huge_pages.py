@@ -1,0 +1,87 @@
+"""Weights on transparent huge pages: the buffer is 2-MB aligned and the kernel backs it with huge pages (read back
+from /proc/self/smaps), moved parameters keep their values and identity, and FastDecoder's model still decodes
+like stock transformers and saves like any model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import twin_models
+
+from modeling_llama import FastDecoder, huge_pages
+
+needs_thp = pytest.mark.skipif(not huge_pages.available(), reason="no transparent huge pages (not Linux, or THP never)")
+
+
+@needs_thp
+def test_empty_is_aligned_and_backed_by_huge_pages():
+    buf = huge_pages.empty(9 << 20)
+    assert buf.dtype == torch.uint8 and buf.numel() == 9 << 20
+    assert buf.data_ptr() % huge_pages.PAGE_BYTES == 0
+    plain = torch.empty(9 << 20, dtype=torch.uint8)
+    buf.fill_(1)  # first touch: the kernel allocates the pages now
+    plain.fill_(1)
+    assert huge_pages.huge_page_bytes(buf) >= 4 << 20, "madvise(MADV_HUGEPAGE) gave no huge pages"
+    if huge_pages.thp_mode() == "madvise":  # torch's own allocation: 4 KB pages unless asked
+        assert huge_pages.huge_page_bytes(plain) == 0
+    assert huge_pages.empty(0).numel() == 0
+
+
+@needs_thp
+def test_move_parameters_keeps_values_and_objects():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(1000, 3000, bias=False)
+    emb = torch.nn.Embedding(50, 1000)
+    frozen = torch.nn.Parameter(torch.randn(7, 5), requires_grad=False)
+    params = [lin.weight, emb.weight, lin.weight, frozen]  # lin.weight twice: moved once
+    before = [p.detach().clone() for p in params]
+    ids = [id(p) for p in params]
+    moved = huge_pages.move_parameters(params)
+    assert moved == sum(-(-p.numel() * 4 // 64) * 64 for p in (lin.weight, emb.weight, frozen))
+    for p, b, i in zip(params, before, ids):
+        assert id(p) == i and isinstance(p, torch.nn.Parameter)
+        assert torch.equal(p, b)
+    assert lin.weight.requires_grad and not frozen.requires_grad
+    assert lin.weight.data_ptr() % huge_pages.PAGE_BYTES == 0  # the first in the buffer
+    assert emb.weight.data_ptr() % 64 == 0 and frozen.data_ptr() % 64 == 0
+    assert huge_pages.huge_page_bytes(lin.weight) > 0
+    # a moved parameter still trains: its gradient lands where autograd expects it
+    lin(torch.randn(2, 1000)).sum().backward()
+    assert lin.weight.grad.shape == lin.weight.shape
+
+
+def test_nothing_moves_when_switched_off_or_not_possible(monkeypatch):
+    p = torch.nn.Parameter(torch.randn(4, 4))
+    ptr = p.data_ptr()
+    monkeypatch.setenv(huge_pages.ENV_VAR, "0")
+    assert not huge_pages.available()
+    assert huge_pages.move_parameters([p]) == 0 and p.data_ptr() == ptr
+    assert huge_pages.empty(100).numel() == 100  # a plain tensor then
+    monkeypatch.delenv(huge_pages.ENV_VAR)
+    q = torch.nn.Parameter(torch.randn(4, 4).t())  # not contiguous: left alone
+    ptr_q = q.data_ptr()
+    assert huge_pages.move_parameters([q]) == 0 and q.data_ptr() == ptr_q
+    with pytest.raises(ValueError, match="nbytes"):
+        huge_pages.empty(-1)
+
+
+@needs_thp
+def test_fast_decoder_weights_on_huge_pages_decode_and_save(tmp_path):
+    from transformers import LlamaForCausalLM as StockLlama
+
+    ours, stock = twin_models(seed=3)
+    linears = [m.weight for m in ours.modules() if isinstance(m, torch.nn.Linear)]
+    dec = FastDecoder(ours, batch_size=2, max_length=24, dtype=torch.float32, compile=False)
+    assert dec.huge_page_bytes == sum(-(-w.numel() * 4 // 64) * 64 for w in linears)
+    assert linears[0].data_ptr() % huge_pages.PAGE_BYTES == 0
+    prompt = torch.randint(3, 512, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = stock.generate(prompt, max_new_tokens=9, min_new_tokens=9, do_sample=False, pad_token_id=0)
+    assert torch.equal(dec.generate(prompt, 9), ref[:, 7:])
+    # the weights now share one buffer; saving and loading through stock transformers still round-trips
+    ours.save_pretrained(tmp_path)
+    loaded = StockLlama.from_pretrained(tmp_path)
+    for name, value in stock.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value), name
+    off = FastDecoder(stock, batch_size=2, max_length=24, dtype=torch.float32, compile=False, huge_pages=False)
+    assert off.huge_page_bytes == 0
