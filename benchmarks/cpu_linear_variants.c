@@ -11,6 +11,8 @@
        /tmp/variants levels                     # the kernel and a read-only pass over one N x 768 weight read
                                                 # again and again, from 48 KB (L1/L2) to 192 MB (memory), on one
                                                 # thread and on all: where the weights come from sets the rate
+       /tmp/variants hugepages                  # the step's products and a read-only pass with the weights on
+                                                # 4 KB pages and on transparent huge pages (Linux), alternating
 
    "bf16 weights" is the kernel's bf16 entry (the same loop, each 8-weight piece widened to fp32): its GB/s count
    bf16 bytes, half of fp32's for the same products; both print their time too.
@@ -24,6 +26,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
 
 typedef float v8 __attribute__((vector_size(32)));
 static inline v8 ld(const float* p) { v8 v; __builtin_memcpy(&v, p, sizeof v); return v; }
@@ -201,10 +206,65 @@ static void kernel_bf16(const float* x, const float* w_as_float, int64_t N, int6
 }
 
 static double now(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec + 1e-9 * t.tv_nsec; }
+static int cmp_double(const void* a, const void* b) { double d = *(const double*)a - *(const double*)b; return (d > 0) - (d < 0); }
 
 /* "levels": one weight of N x 768 (the q/k/v/o products' K), multiplied again and again, so that it is read from
    the cache level its size fits (or from memory), by the kernel and by the read-only pass; on one thread and on
    omp_get_max_threads(). GB/s of weights, best of 5 (each timing ~0.3 GB of weights read). */
+/* "hugepages": the 85 products (and a read-only pass) over the weights as allocated (aligned_alloc: 4 KB pages
+   unless the system's THP mode is "always") and over a copy marked MADV_HUGEPAGE before it is written, alternating,
+   21 rounds; medians of the per-round time ratios. What FastDecoder's huge_pages does for the step's weights. */
+static int hugepages(const float* X, const float* W, int64_t total, float* Y) {
+#ifdef MADV_HUGEPAGE
+    const int64_t L = 12, shapes[8][2] = {{768, 768}, {768, 768}, {768, 768}, {768, 768}, {2048, 768}, {2048, 768},
+                                          {768, 2048}, {32000, 768}};
+    const size_t page = 2 << 20, bytes = ((size_t)total * 4 + page - 1) / page * page;
+    float* Hw = aligned_alloc(page, bytes);
+    if (!Hw) { fprintf(stderr, "out of memory\n"); return 1; }
+    const int advised = madvise(Hw, bytes, MADV_HUGEPAGE) == 0;
+    memcpy(Hw, W, total * 4);  /* first touch: huge pages, where granted */
+    long huge_kb = -1;
+    FILE* f = fopen("/proc/self/smaps_rollup", "r");
+    char line[256];
+    while (f && fgets(line, sizeof line, f)) if (!strncmp(line, "AnonHugePages:", 14)) huge_kb = atol(line + 14);
+    if (f) fclose(f);
+    printf("madvise(MADV_HUGEPAGE) %s; the process's AnonHugePages: %.0f MB, for %.0f MB of weights\n",
+           advised ? "accepted" : "refused", huge_kb * 1024e-6, total * 4e-6);
+    enum { R = 21 };
+    double t[4][R];
+    const float* bases[2] = {W, Hw};
+    for (int r = 0; r < R; r++)
+        for (int i = 0; i < 4; i++) {
+            const int v = (i + r) % 4, huge = v & 1, read = v >> 1;  /* the order rotates every round */
+            const double t0 = now();
+            if (read) read_only(X, bases[huge], total / 768, 768, Y);
+            else {
+                int64_t o = 0;
+                for (int64_t l = 0; l <= L; l++)
+                    for (int s = 0; s < (l == L ? 1 : 7); s++) {
+                        const int64_t N = shapes[l == L ? 7 : s][0], K = shapes[l == L ? 7 : s][1];
+                        kernel(X, bases[huge] + o, N, K, Y);
+                        o += N * K;
+                    }
+            }
+            t[v][r] = now() - t0;
+        }
+    for (int read = 0; read < 2; read++) {
+        double ratio[R], a[R], b[R];
+        for (int r = 0; r < R; r++) { a[r] = t[2 * read][r]; b[r] = t[2 * read + 1][r]; ratio[r] = b[r] / a[r]; }
+        qsort(ratio, R, sizeof(double), cmp_double); qsort(a, R, sizeof(double), cmp_double); qsort(b, R, sizeof(double), cmp_double);
+        printf("%-22s 4 KB pages %6.1f ms, huge pages %6.1f ms (medians); huge / 4 KB %.3f (median of rounds)\n",
+               read ? "read-only pass" : "85 products, 8 rows", a[R / 2] * 1e3, b[R / 2] * 1e3, ratio[R / 2]);
+    }
+    free(Hw);
+    return 0;
+#else
+    (void)X; (void)W; (void)total; (void)Y;
+    printf("no MADV_HUGEPAGE on this system\n");
+    return 1;
+#endif
+}
+
 static int levels(const float* X, const float* W, int64_t total, float* Y) {
     const int64_t K = 768, sizes[] = {16, 64, 256, 1024, 4096, 16384, 65536};
     const int maxt = omp_get_max_threads();
@@ -260,6 +320,7 @@ int main(int argc, char** argv) {
             off += N * K;
         }
     if (argc > 1 && !strcmp(argv[1], "levels")) return levels(X, W, total, Y);
+    if (argc > 1 && !strcmp(argv[1], "hugepages")) return hugepages(X, W, total, Y);
     const fn fns[] = {read_only, kernel, tile_4x2, tile_2x4, tile_3x4, tile_4x3, tile_2x8, kblock, padded, panel16,
                       kernel_bf16};
     const char* names[] = {"read only", "kernel", "tile 4x2", "tile 2x4", "tile 3x4", "tile 4x3", "tile 2x8",

@@ -34,9 +34,10 @@ memory-bound. :class:`FastDecoder` is the path for latency:
   ``generate()`` (``benchmarks/RESULTS.md``).
 
 The model is taken over: it is cast to ``dtype`` and put in eval mode, and on CPU its linear weights move to one
-buffer on transparent huge pages (:mod:`.huge_pages`: the same values and ``Parameter`` objects; the steps took
-0.90x-0.91x the time on 2 AVX2 cores). During :meth:`FastDecoder.generate` its attention is the step's
-(on CPU ``cpu_attention.ATTN_IMPLEMENTATION``, the eager math with the kernel for one-row queries, or ``eager``).
+buffer on transparent huge pages (:mod:`.huge_pages`: the same values and ``Parameter`` objects; on 2 AVX2 cores
+the batch-8 products took 0.85x-0.92x the time, the whole step 0.95x-0.98x). During :meth:`FastDecoder.generate` its
+attention is the step's (on CPU ``cpu_attention.ATTN_IMPLEMENTATION``, the eager math with the kernel for one-row
+queries, or ``eager``).
 Its eager forward is otherwise unchanged (the GEMV form, the kernel and the rotary table are only used while
 compiling, ``W @ xᵀ`` only inside :meth:`FastDecoder.generate`'s prefill), so the model can still be used, trained
 or saved as before.
@@ -164,9 +165,9 @@ class FastDecoder:
             2-16; off by default. Ignored on CUDA, where CUDA graphs replay the step without its wrapper.
         huge_pages: on CPU (Linux with transparent huge pages), move the linear layers' weights, which every step
             reads from memory, into one buffer on 2-MB pages (:mod:`.huge_pages`; same values, dtype and
-            ``Parameter`` objects). On 2 AVX2 cores the steps took 0.90x-0.91x the time at batch 1 and 8
-            (``benchmarks/RESULTS.md``). The bytes moved are in :attr:`huge_page_bytes` (0 where nothing moved:
-            CUDA, no THP, ``LLAMA_HUGE_PAGES=0``, frozen bf16 weights, which inductor copies into its own buffers).
+            ``Parameter`` objects). On 2 AVX2 cores the batch-8 step's products took 0.85x-0.92x the time, the
+            whole step 0.95x-0.98x (``benchmarks/RESULTS.md``). The bytes moved are in :attr:`huge_page_bytes` (0 where
+            nothing moved: CUDA, no THP, ``LLAMA_HUGE_PAGES=0``, frozen bf16 weights, which inductor copies).
 
     The decoder works on ``model`` itself, not on a copy (a second copy of the weights would double the memory):
     it converts the model to ``dtype`` in place and installs forwards on its linear and rotary modules that compute

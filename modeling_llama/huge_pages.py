@@ -3,8 +3,9 @@
 A CPU decoding step reads every weight once per token. With the 4 KB pages a process gets by default, reading
 438 MB of weights (the ``100M`` preset in fp32) crosses ~107,000 pages a step; each first touch of a page needs a
 TLB entry, and in a virtual machine a TLB miss walks two levels of page tables. On 2-MB pages the same weights
-span ~210 pages. Measured on a 2-core AVX2 VM (``benchmarks/RESULTS.md``): a read-only pass over them 0.79-0.82x
-the time, ``cpu_linear``'s 8-row products 0.86-0.89x, ``FastDecoder``'s whole step 0.90-0.91x at batch 1 and 8.
+span ~210 pages. Measured on a 2-core AVX2 VM (``benchmarks/RESULTS.md``): a read-only pass over them 0.77-0.82x
+the time, ``cpu_linear``'s 8-row products 0.85-0.92x; ``FastDecoder``'s whole batch-8 step 0.95x in the longest
+side-by-side run, 0.98x as the median of shorter ones (the rest of the step and the machine's noise dilute it).
 
 Linux gives a process huge pages for anonymous memory it has marked with ``madvise(MADV_HUGEPAGE)`` before the
 memory is first touched, when ``/sys/kernel/mm/transparent_hugepage/enabled`` is ``always`` or ``madvise`` (the

@@ -21,8 +21,20 @@ def bench_script(name: str):
     return module
 
 
+def table_row(md: str, header: str, prefix: str) -> str:
+    """The row starting with ``prefix`` in the markdown table whose header line contains ``header``."""
+    block = next(b for b in md.split("\n\n") if header in b.splitlines()[0])
+    return next(x for x in block.splitlines() if x.startswith(prefix))
+
+
 @pytest.mark.parametrize(
-    "name", ["decode_bf16_kernel.json", "decode_prefill_last_logits.json", "decode_cpu_linear_run2.json"]
+    "name",
+    [
+        "decode_bf16_kernel.json",
+        "decode_prefill_last_logits.json",
+        "decode_cpu_linear_run2.json",
+        "decode_huge_pages.json",
+    ],
 )
 def test_decode_tables_render_every_row(name):
     raw = json.loads((RESULTS / name).read_text())
@@ -38,8 +50,13 @@ def test_decode_tables_render_every_row(name):
         assert f"| {r['fast_fraction_of_bound']:.0%} |" in line
         if "fast_step_fraction_of_bound" in r:
             assert f"| {r['fast_step_fraction_of_bound']:.0%} |" in line
+        if "copy_bandwidth_huge_GBps" in r:  # the bound from a copy on huge pages
+            huge = table_row(md, "the bound from a copy on huge pages", f"| batch {r['batch']}, ")
+            assert f"| {r['fast_huge_page_bytes'] / 2**20:.0f} |" in huge
+            assert f"| {r['copy_bandwidth_GBps']:.1f} / {r['copy_bandwidth_huge_GBps']:.1f} |" in huge
+            assert f"| {r['fast_step_fraction_of_bound']:.0%} / {r['fast_step_fraction_of_bound_huge']:.0%} |" in huge
         if "fast_bf16_tokens_per_s" in r:
-            bf16 = [x for x in md.splitlines() if x.startswith(f"| batch {r['batch']}, ")][1]
+            bf16 = table_row(md, "`dtype=bfloat16`", f"| batch {r['batch']}, ")
             assert f"| {r['fast_bf16_tokens_per_s']:.1f} | {r['fast_bf16_vs_stock']:.2f}x |" in bf16
     if all("fast_step_fraction_of_bound" in r for r in rows):  # a file from the current script: every cell filled
         assert "nan" not in md
