@@ -85,3 +85,21 @@ def test_fast_decoder_weights_on_huge_pages_decode_and_save(tmp_path):
         assert torch.equal(loaded.state_dict()[name], value), name
     off = FastDecoder(stock, batch_size=2, max_length=24, dtype=torch.float32, compile=False, huge_pages=False)
     assert off.huge_page_bytes == 0
+
+
+@needs_thp
+def test_a_compiled_decoder_still_right_after_the_weights_move_again():
+    """A second FastDecoder on the same model moves the weights to a new buffer: the first decoder's compiled steps
+    read the parameters at each call, so they still decode right (and the old buffer is freed)."""
+    ours, stock = twin_models(seed=4)
+    prompt = torch.randint(3, 512, (3, 5), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = stock.generate(prompt, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)[:, 5:]
+    torch._dynamo.reset()
+    first = FastDecoder(ours, batch_size=3, max_length=16, dtype=torch.float32)
+    assert torch.equal(first.generate(prompt, 6), ref)
+    before = ours.lm_head.weight.data_ptr()
+    second = FastDecoder(ours, batch_size=3, max_length=16, dtype=torch.float32, compile=False)
+    assert second.huge_page_bytes > 0 and ours.lm_head.weight.data_ptr() != before
+    assert torch.equal(first.generate(prompt, 6), ref)
+    assert torch.equal(second.generate(prompt, 6), ref)
