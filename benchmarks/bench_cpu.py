@@ -448,9 +448,13 @@ def _time_fast(dec, prompt: torch.Tensor, new_tokens: int, repeats: int, streame
     row["bound_tokens_per_s"] = batch * bw / weight_bytes
     row["fast_weight_GBps"] = row["fast_tokens_per_s"] / batch * weight_bytes / 1e9
     row["fast_step_weight_GBps"] = row["fast_step_tokens_per_s"] / batch * weight_bytes / 1e9
-    # (tok/s) / (bw / bytes), per pair: the whole generate (prefill included) and the steps alone
-    fractions = [weight_bytes / g * new_tokens / b for g, b in zip(gen, bws)]
-    step_fractions = [weight_bytes / t / b for t, b in zip(steps, bws)]
+
+    def per_pair(bandwidths: list[float]) -> tuple[list[float], list[float]]:
+        """(tok/s) / (bw / bytes), per pair: the whole generate (prefill included) and the steps alone."""
+        whole = [weight_bytes / g * new_tokens / b for g, b in zip(gen, bandwidths)]
+        return whole, [weight_bytes / t / b for t, b in zip(steps, bandwidths)]
+
+    fractions, step_fractions = per_pair(bws)
     row["fast_fraction_of_bound"] = statistics.median(fractions)
     row["fast_fraction_of_bound_runs"] = fractions
     row["fast_step_fraction_of_bound"] = statistics.median(step_fractions)
@@ -460,10 +464,9 @@ def _time_fast(dec, prompt: torch.Tensor, new_tokens: int, repeats: int, streame
     row["fast_huge_page_bytes"] = getattr(dec, "huge_page_bytes", 0)
     row["copy_bandwidth_huge_GBps"] = statistics.median(bws_huge) / 1e9
     row["copy_bandwidth_huge_GBps_runs"] = [b / 1e9 for b in bws_huge]
-    row["fast_fraction_of_bound_huge"] = statistics.median(
-        weight_bytes / g * new_tokens / b for g, b in zip(gen, bws_huge)
-    )
-    row["fast_step_fraction_of_bound_huge"] = statistics.median(weight_bytes / t / b for t, b in zip(steps, bws_huge))
+    fractions_huge, step_fractions_huge = per_pair(bws_huge)
+    row["fast_fraction_of_bound_huge"] = statistics.median(fractions_huge)
+    row["fast_step_fraction_of_bound_huge"] = statistics.median(step_fractions_huge)
     if reference is not None:
         with torch.no_grad():
             out = dec.generate(prompt, new_tokens)
@@ -531,6 +534,13 @@ def _tokenizer_rows(repeats: int, threads: int) -> list[dict]:
         }
         for name in runs
     ]
+
+
+def _md_table(header: str, rows: list[dict], fmt) -> list[str]:
+    """A markdown table's lines (header, separator, ``fmt(row)`` for each row, a blank line); none without rows."""
+    if not rows:
+        return []
+    return [header, "|" + "---|" * (header.count("|") - 1), *map(fmt, rows), ""]
 
 
 def to_markdown(meta: dict, results: dict) -> str:
@@ -605,75 +615,60 @@ def to_markdown(meta: dict, results: dict) -> str:
                 f"{r['stock_prefill_ms']:.0f} / {r['ours_prefill_ms']:.0f} |"
             )
         lines.append("")
-        huge_rows = [r for r in results["decode"] if "copy_bandwidth_huge_GBps" in r and "max_length" not in r]
-        if huge_rows:
-            lines += [
-                "| greedy decode (100M), the bound from a copy on huge pages (where the fastest path's weights are) "
-                "| weights on huge pages, MB | copy GB/s, 4 KB / huge pages | fastest / bound, 4 KB / huge-page copy "
-                "| step / bound, 4 KB / huge-page copy |",
-                "|---|---|---|---|---|",
-            ]
-            for r in huge_rows:
-                lines.append(
-                    f"| batch {r['batch']}, {r['prompt']}+{r['new_tokens']} | "
-                    f"{r['fast_huge_page_bytes'] / 2**20:.0f} | "
-                    f"{r['copy_bandwidth_GBps']:.1f} / {r['copy_bandwidth_huge_GBps']:.1f} | "
-                    f"{r['fast_fraction_of_bound']:.0%} / {r['fast_fraction_of_bound_huge']:.0%} | "
-                    f"{r['fast_step_fraction_of_bound']:.0%} / {r['fast_step_fraction_of_bound_huge']:.0%} |"
-                )
-            lines.append("")
-        cpp_rows = [r for r in results["decode"] if "fast_cpp_tokens_per_s" in r]
-        if cpp_rows:
-            lines += [
-                "| greedy decode (100M), fastest path with `cpp_wrapper=True` (the step's wrapper in C++) | tok/s "
-                "| / stock | / fastest (Python wrapper), one after the other | bound tok/s | / bound | step tok/s "
-                "| step / bound | step / bound, per pair | tokens = fp32 greedy's |",
-                "|---|---|---|---|---|---|---|---|---|---|",
-            ]
-            for r in cpp_rows:
-                per_pair = ", ".join(f"{x:.0%}" for x in r["fast_cpp_step_fraction_of_bound_runs"])
-                lines.append(
-                    f"| batch {r['batch']}, {r['prompt']}+{r['new_tokens']} | {r['fast_cpp_tokens_per_s']:.1f} | "
-                    f"{r['fast_cpp_vs_stock']:.2f}x | {r['fast_cpp_tokens_per_s'] / r['fast_tokens_per_s']:.2f}x | "
-                    f"{r['fast_cpp_bound_tokens_per_s']:.1f} | {r['fast_cpp_fraction_of_bound']:.0%} | "
-                    f"{r['fast_cpp_step_tokens_per_s']:.1f} | {r['fast_cpp_step_fraction_of_bound']:.0%} | "
-                    f"{per_pair} | {r['fast_cpp_agreement_with_fp32_greedy']:.0%} |"
-                )
-            lines.append("")
-        bf16_rows = [r for r in results["decode"] if "fast_bf16_tokens_per_s" in r]
-        if bf16_rows:
-            lines += [
-                "| greedy decode (100M), fastest path with `dtype=bfloat16` (bf16 emulated on this CPU) | tok/s "
-                "| / stock (fp32, dynamic cache) | / fastest in its default dtype | bound tok/s (bf16 weights) "
-                "| / bound | prefill ms | step tok/s | step / bound | tokens = fp32 greedy's | largest logit gap "
-                "vs the eager bf16 model |",
-                "|---|---|---|---|---|---|---|---|---|---|---|",
-            ]
-            for r in bf16_rows:
-                lines.append(
-                    f"| batch {r['batch']}, {r['prompt']}+{r['new_tokens']} | {r['fast_bf16_tokens_per_s']:.1f} | "
-                    f"{r['fast_bf16_vs_stock']:.2f}x | {r['fast_bf16_tokens_per_s'] / r['fast_tokens_per_s']:.2f}x | "
-                    f"{r['fast_bf16_bound_tokens_per_s']:.1f} | {r['fast_bf16_fraction_of_bound']:.0%} | "
-                    f"{r['fast_bf16_prefill_ms']:.0f} | {r['fast_bf16_step_tokens_per_s']:.1f} | "
-                    f"{r['fast_bf16_step_fraction_of_bound']:.0%} | "
-                    f"{r['fast_bf16_agreement_with_fp32_greedy']:.0%} | {r['fast_bf16_max_logit_gap_vs_eager']:.3f} |"
-                )
-            lines.append("")
-        long_rows = [r for r in results["decode"] if "max_length" in r]
-        if long_rows:
-            lines += [
-                "| greedy decode (100M), a long max_length | cache buckets | fastest tok/s | fastest / stock "
-                "| fastest / the same at a tight max_length | step tok/s | step / bound |",
-                "|---|---|---|---|---|---|---|",
-            ]
-            for r in long_rows:
-                lines.append(
-                    f"| batch {r['batch']}, {r['prompt']}+{r['new_tokens']}, max_length {r['max_length']} | "
-                    f"{', '.join(map(str, r['buckets']))} | {r['fast_tokens_per_s']:.1f} | {r['fast_vs_stock']:.2f}x | "
-                    f"{r['fast_vs_tight_max_length']:.2f}x | {r['fast_step_tokens_per_s']:.1f} | "
-                    f"{r['fast_step_fraction_of_bound']:.0%} |"
-                )
-            lines.append("")
+        decode = results["decode"]
+        lines += _md_table(
+            "| greedy decode (100M), the bound from a copy on huge pages (where the fastest path's weights are) "
+            "| weights on huge pages, MB | copy GB/s, 4 KB / huge pages | fastest / bound, 4 KB / huge-page copy "
+            "| step / bound, 4 KB / huge-page copy |",
+            [r for r in decode if "copy_bandwidth_huge_GBps" in r and "max_length" not in r],
+            lambda r: (
+                f"| batch {r['batch']}, {r['prompt']}+{r['new_tokens']} | "
+                f"{r['fast_huge_page_bytes'] / 2**20:.0f} | "
+                f"{r['copy_bandwidth_GBps']:.1f} / {r['copy_bandwidth_huge_GBps']:.1f} | "
+                f"{r['fast_fraction_of_bound']:.0%} / {r['fast_fraction_of_bound_huge']:.0%} | "
+                f"{r['fast_step_fraction_of_bound']:.0%} / {r['fast_step_fraction_of_bound_huge']:.0%} |"
+            ),
+        )
+        lines += _md_table(
+            "| greedy decode (100M), fastest path with `cpp_wrapper=True` (the step's wrapper in C++) | tok/s "
+            "| / stock | / fastest (Python wrapper), one after the other | bound tok/s | / bound | step tok/s "
+            "| step / bound | step / bound, per pair | tokens = fp32 greedy's |",
+            [r for r in decode if "fast_cpp_tokens_per_s" in r],
+            lambda r: (
+                f"| batch {r['batch']}, {r['prompt']}+{r['new_tokens']} | {r['fast_cpp_tokens_per_s']:.1f} | "
+                f"{r['fast_cpp_vs_stock']:.2f}x | {r['fast_cpp_tokens_per_s'] / r['fast_tokens_per_s']:.2f}x | "
+                f"{r['fast_cpp_bound_tokens_per_s']:.1f} | {r['fast_cpp_fraction_of_bound']:.0%} | "
+                f"{r['fast_cpp_step_tokens_per_s']:.1f} | {r['fast_cpp_step_fraction_of_bound']:.0%} | "
+                f"{', '.join(f'{x:.0%}' for x in r['fast_cpp_step_fraction_of_bound_runs'])} | "
+                f"{r['fast_cpp_agreement_with_fp32_greedy']:.0%} |"
+            ),
+        )
+        lines += _md_table(
+            "| greedy decode (100M), fastest path with `dtype=bfloat16` (bf16 emulated on this CPU) | tok/s "
+            "| / stock (fp32, dynamic cache) | / fastest in its default dtype | bound tok/s (bf16 weights) "
+            "| / bound | prefill ms | step tok/s | step / bound | tokens = fp32 greedy's | largest logit gap "
+            "vs the eager bf16 model |",
+            [r for r in decode if "fast_bf16_tokens_per_s" in r],
+            lambda r: (
+                f"| batch {r['batch']}, {r['prompt']}+{r['new_tokens']} | {r['fast_bf16_tokens_per_s']:.1f} | "
+                f"{r['fast_bf16_vs_stock']:.2f}x | {r['fast_bf16_tokens_per_s'] / r['fast_tokens_per_s']:.2f}x | "
+                f"{r['fast_bf16_bound_tokens_per_s']:.1f} | {r['fast_bf16_fraction_of_bound']:.0%} | "
+                f"{r['fast_bf16_prefill_ms']:.0f} | {r['fast_bf16_step_tokens_per_s']:.1f} | "
+                f"{r['fast_bf16_step_fraction_of_bound']:.0%} | "
+                f"{r['fast_bf16_agreement_with_fp32_greedy']:.0%} | {r['fast_bf16_max_logit_gap_vs_eager']:.3f} |"
+            ),
+        )
+        lines += _md_table(
+            "| greedy decode (100M), a long max_length | cache buckets | fastest tok/s | fastest / stock "
+            "| fastest / the same at a tight max_length | step tok/s | step / bound |",
+            [r for r in decode if "max_length" in r],
+            lambda r: (
+                f"| batch {r['batch']}, {r['prompt']}+{r['new_tokens']}, max_length {r['max_length']} | "
+                f"{', '.join(map(str, r['buckets']))} | {r['fast_tokens_per_s']:.1f} | {r['fast_vs_stock']:.2f}x | "
+                f"{r['fast_vs_tight_max_length']:.2f}x | {r['fast_step_tokens_per_s']:.1f} | "
+                f"{r['fast_step_fraction_of_bound']:.0%} |"
+            ),
+        )
     if results.get("tokenizer"):
         lines += ["| tokenizer encode (5 MB) | threads | MB/s (median) | mismatched documents |", "|---|---|---|---|"]
         for r in results["tokenizer"]:

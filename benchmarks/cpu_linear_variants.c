@@ -205,6 +205,10 @@ static void kernel_bf16(const float* x, const float* w_as_float, int64_t N, int6
     kernel_bf16_strided(x, K, (const uint16_t*)w_as_float, N, K, y);  /* (N, K) bf16, through the common signature */
 }
 
+/* the 100M preset's decode step: L layers of q, k, v, o, gate, up, down (N x K each), then the V x H head */
+enum { L = 12, H = 768, I = 2048, V = 32000 };  /* every N is a multiple of 16 */
+static const int64_t shapes[8][2] = {{H, H}, {H, H}, {H, H}, {H, H}, {I, H}, {I, H}, {H, I}, {V, H}};
+
 static double now(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec + 1e-9 * t.tv_nsec; }
 static int cmp_double(const void* a, const void* b) { double d = *(const double*)a - *(const double*)b; return (d > 0) - (d < 0); }
 
@@ -216,8 +220,6 @@ static int cmp_double(const void* a, const void* b) { double d = *(const double*
    21 rounds; medians of the per-round time ratios. What FastDecoder's huge_pages does for the step's weights. */
 static int hugepages(const float* X, const float* W, int64_t total, float* Y) {
 #ifdef MADV_HUGEPAGE
-    const int64_t L = 12, shapes[8][2] = {{768, 768}, {768, 768}, {768, 768}, {768, 768}, {2048, 768}, {2048, 768},
-                                          {768, 2048}, {32000, 768}};
     const size_t page = 2 << 20, bytes = ((size_t)total * 4 + page - 1) / page * page;
     float* Hw = aligned_alloc(page, bytes);
     if (!Hw) { fprintf(stderr, "out of memory\n"); return 1; }
@@ -297,8 +299,6 @@ static int levels(const float* X, const float* W, int64_t total, float* Y) {
 
 int main(int argc, char** argv) {
     const int hot = argc > 1 && !strcmp(argv[1], "hot");
-    enum { L = 12, H = 768, I = 2048, V = 32000 };  /* every N is a multiple of 16 */
-    const int64_t shapes[8][2] = {{H, H}, {H, H}, {H, H}, {H, H}, {I, H}, {I, H}, {H, I}, {V, H}};
     int64_t total = (int64_t)V * H;
     for (int l = 0; l < L; l++) for (int s = 0; s < 7; s++) total += shapes[s][0] * shapes[s][1];
     float* W = aligned_alloc(64, total * 4);
