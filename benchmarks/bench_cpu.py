@@ -462,6 +462,11 @@ def _time_fast(dec, prompt: torch.Tensor, new_tokens: int, repeats: int, streame
     # the same against a copy between tensors on huge pages, where the decoder's weights are (a tighter bound: a
     # copy on 4 KB pages pays a TLB miss every 4 KB)
     row["fast_huge_page_bytes"] = getattr(dec, "huge_page_bytes", 0)
+    if row["fast_huge_page_bytes"]:  # huge pages the kernel put in their mapping (best effort; whole 2-MB pages)
+        from modeling_llama import huge_pages
+
+        first = next(m.weight for m in dec.model.modules() if isinstance(m, torch.nn.Linear))
+        row["fast_huge_page_backed_bytes"] = huge_pages.huge_page_bytes(first)
     row["copy_bandwidth_huge_GBps"] = statistics.median(bws_huge) / 1e9
     row["copy_bandwidth_huge_GBps_runs"] = [b / 1e9 for b in bws_huge]
     fractions_huge, step_fractions_huge = per_pair(bws_huge)

@@ -166,8 +166,10 @@ class FastDecoder:
         huge_pages: on CPU (Linux with transparent huge pages), move the linear layers' weights, which every step
             reads from memory, into one buffer on 2-MB pages (:mod:`.huge_pages`; same values, dtype and
             ``Parameter`` objects). On 2 AVX2 cores the batch-8 step's products took 0.85x-0.92x the time, the
-            whole step 0.95x-0.98x (``benchmarks/RESULTS.md``). The bytes moved are in :attr:`huge_page_bytes` (0 where
-            nothing moved: CUDA, no THP, ``LLAMA_HUGE_PAGES=0``, frozen bf16 weights, which inductor copies).
+            whole step 0.95x-0.98x (``benchmarks/RESULTS.md``). The bytes moved are in :attr:`huge_page_bytes` (how
+            many of them the kernel backs with huge pages is its best effort; ``huge_pages.huge_page_bytes(w)``
+            reads it back for a weight ``w``), 0 where nothing moved: CUDA, no THP, ``LLAMA_HUGE_PAGES=0``, frozen
+            bf16 weights, which inductor copies).
 
     The decoder works on ``model`` itself, not on a copy (a second copy of the weights would double the memory):
     it converts the model to ``dtype`` in place and installs forwards on its linear and rotary modules that compute

@@ -1,6 +1,6 @@
-"""Weights on transparent huge pages: the buffer is 2-MB aligned and the kernel backs it with huge pages (read back
-from /proc/self/smaps), moved parameters keep their values and identity, and FastDecoder's model still decodes
-like stock transformers and saves like any model."""
+"""Weights on transparent huge pages: the buffer is 2-MB aligned and marked MADV_HUGEPAGE, a collapse the kernel
+reports done leaves huge pages (both read back from /proc/self/smaps), moved parameters keep their values and
+identity, and FastDecoder's model still decodes like stock transformers and saves like any model."""
 
 from __future__ import annotations
 
@@ -14,17 +14,34 @@ needs_thp = pytest.mark.skipif(not huge_pages.available(), reason="no transparen
 
 
 @needs_thp
-def test_empty_is_aligned_and_backed_by_huge_pages():
+def test_empty_is_aligned_and_marked_for_huge_pages():
     buf = huge_pages.empty(9 << 20)
     assert buf.dtype == torch.uint8 and buf.numel() == 9 << 20
     assert buf.data_ptr() % huge_pages.PAGE_BYTES == 0
     plain = torch.empty(9 << 20, dtype=torch.uint8)
-    buf.fill_(1)  # first touch: the kernel allocates the pages now
+    assert huge_pages.advised(buf), "the buffer's mapping lacks MADV_HUGEPAGE (VmFlags hg)"
+    assert not huge_pages.advised(plain)
+    buf.fill_(1)  # first touch: the kernel allocates the pages now, huge ones as far as it has free 2-MB blocks
     plain.fill_(1)
-    assert huge_pages.huge_page_bytes(buf) >= 4 << 20, "madvise(MADV_HUGEPAGE) gave no huge pages"
     if huge_pages.thp_mode() == "madvise":  # torch's own allocation: 4 KB pages unless asked
         assert huge_pages.huge_page_bytes(plain) == 0
+    # Huge pages at first touch are the kernel's best effort (none where memory is fragmented and THP's defrag
+    # setting forbids compaction); a collapse compacts if it must, and when the kernel says it did, they are there.
+    if huge_pages.collapse(buf):
+        assert huge_pages.huge_page_bytes(buf) >= 8 << 20
+    assert torch.all(buf == 1)
     assert huge_pages.empty(0).numel() == 0
+
+
+@needs_thp
+def test_collapse_backs_whole_pages_of_plain_memory_and_keeps_values():
+    x = torch.arange(9 << 18, dtype=torch.float32)  # 9 MB on 4 KB pages (THP madvise) or partly huge (always)
+    before = huge_pages.huge_page_bytes(x)
+    if huge_pages.collapse(x):  # False on kernels before 6.1 or when no memory could be compacted
+        # the 2-MB pages wholly inside 9 MB starting anywhere: at least three
+        assert huge_pages.huge_page_bytes(x) >= max(before, 6 << 20)
+    assert torch.equal(x, torch.arange(9 << 18, dtype=torch.float32))
+    assert not huge_pages.collapse(torch.ones(1000))  # no whole 2-MB page inside
 
 
 @needs_thp
@@ -44,7 +61,7 @@ def test_move_parameters_keeps_values_and_objects():
     assert lin.weight.requires_grad and not frozen.requires_grad
     assert lin.weight.data_ptr() % huge_pages.PAGE_BYTES == 0  # the first in the buffer
     assert emb.weight.data_ptr() % 64 == 0 and frozen.data_ptr() % 64 == 0
-    assert huge_pages.huge_page_bytes(lin.weight) > 0
+    assert huge_pages.advised(lin.weight) and huge_pages.advised(frozen)
     # a moved parameter still trains: its gradient lands where autograd expects it
     lin(torch.randn(2, 1000)).sum().backward()
     assert lin.weight.grad.shape == lin.weight.shape
@@ -57,6 +74,7 @@ def test_nothing_moves_when_switched_off_or_not_possible(monkeypatch):
     assert not huge_pages.available()
     assert huge_pages.move_parameters([p]) == 0 and p.data_ptr() == ptr
     assert huge_pages.empty(100).numel() == 100  # a plain tensor then
+    assert not huge_pages.collapse(torch.empty(9 << 20, dtype=torch.uint8))
     monkeypatch.delenv(huge_pages.ENV_VAR)
     q = torch.nn.Parameter(torch.randn(4, 4).t())  # not contiguous: left alone
     ptr_q = q.data_ptr()
