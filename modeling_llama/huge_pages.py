@@ -10,8 +10,9 @@ side-by-side run, 0.98x as the median of shorter ones (the rest of the step and 
 Linux gives a process huge pages for anonymous memory it has marked with ``madvise(MADV_HUGEPAGE)`` before the
 memory is first touched, when ``/sys/kernel/mm/transparent_hugepage/enabled`` is ``always`` or ``madvise`` (the
 usual default). torch's CPU allocator does that only when ``THP_MEM_ALLOC_ENABLE=1`` is set before torch's first
-allocation; :func:`empty` does it for one buffer, whatever the environment, and :func:`move_parameters` puts
-parameters into such a buffer (one buffer for all, so no page is left mostly empty).
+allocation; :func:`empty` does it for one buffer (a mapping of its own, unmapped when freed), whatever the
+environment, and :func:`move_parameters` puts parameters into such a buffer (one buffer for all, so no page is left
+mostly empty).
 
 Huge pages at first touch are the kernel's best effort: where memory is fragmented and THP's ``defrag`` setting
 forbids compaction at fault time, a marked buffer still gets 4 KB pages (seen on a CI machine). So
@@ -30,8 +31,10 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import mmap
 import os
 import sys
+import warnings
 
 import torch
 
@@ -39,7 +42,6 @@ __all__ = ["PAGE_BYTES", "ENV_VAR", "available", "empty", "move_parameters", "hu
 
 PAGE_BYTES = 2 << 20  # x86-64 and arm64 (4 KB base pages) transparent huge page size
 ENV_VAR = "LLAMA_HUGE_PAGES"  # 0: never move anything to huge pages
-_MADV_HUGEPAGE = 14  # <sys/mman.h>, Linux
 _MADV_COLLAPSE = 25  # Linux 6.1+: collapse a range into huge pages now, compacting memory if it must
 _PR_GET_THP_DISABLE = 42  # <linux/prctl.h>
 _THP_ENABLED = "/sys/kernel/mm/transparent_hugepage/enabled"
@@ -92,18 +94,25 @@ def available() -> bool:
 
 def empty(nbytes: int) -> torch.Tensor:
     """A new uint8 CPU tensor of ``nbytes``, starting on a 2-MB boundary, whose pages the kernel backs with huge
-    pages as they are first written (``madvise(MADV_HUGEPAGE)`` before any touch). Where :func:`available` is false
-    or ``madvise`` fails, a plain tensor (4 KB pages); the contents are uninitialised either way."""
+    pages as they are first written (``madvise(MADV_HUGEPAGE)`` before any touch). The memory is a mapping of its
+    own (an anonymous ``mmap``), so the advice covers nothing else and the mapping goes back to the system when the
+    last view of the tensor is freed (memory from ``malloc``'s heap would keep the advice after it is reused for
+    other allocations). Where :func:`available` is false, a plain tensor (4 KB pages); the contents are
+    uninitialised either way."""
     if nbytes < 0:
         raise ValueError(f"nbytes must be >= 0, got {nbytes}")
-    if not available():
+    if not available() or nbytes == 0:
         return torch.empty(nbytes, dtype=torch.uint8)
     length = -(-nbytes // PAGE_BYTES) * PAGE_BYTES  # whole huge pages
-    buf = torch.empty(length + PAGE_BYTES, dtype=torch.uint8)  # room to start on a 2-MB boundary
-    offset = -buf.data_ptr() % PAGE_BYTES
-    if length:
-        _madvise(buf.data_ptr() + offset, length, _MADV_HUGEPAGE)
-    return buf[offset : offset + nbytes]  # (a view: the buffer lives as long as any view of it)
+    # private (a shared anonymous mapping is shmem, whose huge pages follow shmem_enabled); room to start on a
+    # 2-MB boundary (the untouched rest costs no memory)
+    region = mmap.mmap(-1, length + PAGE_BYTES, flags=mmap.MAP_PRIVATE | getattr(mmap, "MAP_ANONYMOUS", 0x20))
+    with warnings.catch_warnings():  # (torch warns that the buffer is not owned by it: the tensor holds it alive)
+        warnings.simplefilter("ignore", UserWarning)
+        whole = torch.frombuffer(region, dtype=torch.uint8)
+    offset = -whole.data_ptr() % PAGE_BYTES
+    region.madvise(mmap.MADV_HUGEPAGE, offset, length)
+    return whole[offset : offset + nbytes]  # (a view: the mapping lives as long as any view of it)
 
 
 def _madvise(address: int, length: int, advice: int) -> bool:

@@ -4,6 +4,9 @@ identity, and FastDecoder's model still decodes like stock transformers and save
 
 from __future__ import annotations
 
+import gc
+import os
+
 import pytest
 import torch
 from conftest import twin_models
@@ -20,10 +23,12 @@ def test_empty_is_aligned_and_marked_for_huge_pages():
     assert buf.data_ptr() % huge_pages.PAGE_BYTES == 0
     plain = torch.empty(9 << 20, dtype=torch.uint8)
     assert huge_pages.advised(buf), "the buffer's mapping lacks MADV_HUGEPAGE (VmFlags hg)"
-    assert not huge_pages.advised(plain)
+    torch_thp = os.environ.get("THP_MEM_ALLOC_ENABLE") == "1"  # (torch's allocator then advises its own memory)
+    if not torch_thp:
+        assert not huge_pages.advised(plain)
     buf.fill_(1)  # first touch: the kernel allocates the pages now, huge ones as far as it has free 2-MB blocks
     plain.fill_(1)
-    if huge_pages.thp_mode() == "madvise":  # torch's own allocation: 4 KB pages unless asked
+    if huge_pages.thp_mode() == "madvise" and not torch_thp:  # torch's own allocation: 4 KB pages unless asked
         assert huge_pages.huge_page_bytes(plain) == 0
     # Huge pages at first touch are the kernel's best effort (none where memory is fragmented and THP's defrag
     # setting forbids compaction); a collapse compacts if it must, and when the kernel says it did, they are there.
@@ -31,6 +36,24 @@ def test_empty_is_aligned_and_marked_for_huge_pages():
         assert huge_pages.huge_page_bytes(buf) >= 8 << 20
     assert torch.all(buf == 1)
     assert huge_pages.empty(0).numel() == 0
+
+
+@needs_thp
+def test_the_buffer_is_its_own_mapping_and_goes_back_when_freed():
+    """The advice stays on the buffer's own mapping (malloc's heap, reused later for other allocations, would carry
+    it on), and the mapping is unmapped once no view of it is left."""
+    buf = huge_pages.empty(3 << 20)
+    address = buf.data_ptr()
+    view = buf[100:200]
+    fields = huge_pages._smaps_entry(address)
+    assert "hg" in fields["VmFlags"].split()
+    assert int(fields["Size"].split()[0]) <= 5 << 10  # kB: the 4 MB advised, not a larger heap mapping
+    del buf
+    gc.collect()
+    assert huge_pages.advised(view)  # a view keeps it mapped
+    del view
+    gc.collect()
+    assert huge_pages._smaps_entry(address) == {}
 
 
 @needs_thp
