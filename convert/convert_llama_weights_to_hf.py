@@ -275,7 +275,8 @@ def convert_llama_to_hf(
         config.auto_map = dict(AUTO_MAP)
         config.save_pretrained(tmp)
         code = Path(modeling_llama.modeling_llama.__file__).parent
-        for name in ("modeling_llama.py", "linear_cross_entropy.py"):  # the model file and its relative import
+        # the model file and its relative imports (what save_pretrained copies for trust_remote_code)
+        for name in ("modeling_llama.py", "linear_cross_entropy.py", "cpu_linear.py", "native_build.py"):
             shutil.copyfile(code / name, tmp / name)
         GenerationConfig(
             bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=0

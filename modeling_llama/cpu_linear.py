@@ -39,10 +39,22 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from . import native_build
+# (`from .x import`: the form transformers follows to copy a model's files for trust_remote_code)
+from .native_build import build as _build
+from .native_build import c_compilers, cxx_compilers, define_op, disabled, torch_flags
 
-__all__ = ["small_batch_linear", "available", "native", "library_path", "native_library_path", "MAX_ROWS", "ENV_VAR"]
+__all__ = [
+    "small_batch_linear",
+    "SmallBatchLinear",
+    "available",
+    "native",
+    "library_path",
+    "native_library_path",
+    "MAX_ROWS",
+    "ENV_VAR",
+]
 
 ENV_VAR = "LLAMA_CPU_LINEAR"  # 0: no kernel (F.linear); python: the op stays in Python
 MAX_ROWS = 16  # beyond ~16 rows the products are compute-bound, and MKL's is faster
@@ -263,20 +275,22 @@ def library_path() -> Path | None:
     under ``$XDG_CACHE_HOME/llama-hf`` (the temp directory if that is not writable); ``None`` where no compiler is
     found or the build fails."""
     flag_sets = [_FLAGS, _FLAGS_NO_OPENMP]
-    return native_build.build("llama_small_batch_linear", _SOURCE, ".c", native_build.c_compilers(), flag_sets)
+    return _build("llama_small_batch_linear", _SOURCE, ".c", c_compilers(), flag_sets)
 
 
-def native_library_path() -> Path | None:
+def native_library_path(build: bool = True) -> Path | None:
     """The op's C++ implementation (a shared object linked against this torch), built on first use with
     ``$CXX``/``c++``/``g++``/``clang++`` and cached like :func:`library_path` (per torch version); ``None`` where
-    no C++ compiler or no torch headers are found or the build fails (the op then stays in Python)."""
-    torch_flags = native_build.torch_flags()
-    if torch_flags is None:
+    no C++ compiler or no torch headers are found or the build fails (the op then stays in Python), and with
+    ``build=False`` where it has not been built yet."""
+    flags = torch_flags()
+    if flags is None:
         return None
-    common = ["-O2", "-shared", "-fPIC", "-w", f"-DMAX_ROWS={MAX_ROWS}", *torch_flags]
+    common = ["-O2", "-shared", "-fPIC", "-w", f"-DMAX_ROWS={MAX_ROWS}", *flags]
     flag_sets = [["-std=c++20", *common], ["-std=c++17", *common]]
-    compilers = native_build.cxx_compilers()
-    return native_build.build("llama_hf_ops", _NATIVE_SOURCE, ".cpp", compilers, flag_sets, (torch.__version__,))
+    compilers = cxx_compilers()
+    key = (torch.__version__,)
+    return _build("llama_hf_ops", _NATIVE_SOURCE, ".cpp", compilers, flag_sets, key, cached_only=not build)
 
 
 _ENTRIES = {torch.float32: "llama_small_batch_linear", torch.bfloat16: "llama_small_batch_linear_bf16"}
@@ -285,9 +299,10 @@ _native = False  # whether the op's CPU implementation is the C++ one
 
 @functools.cache
 def _kernels() -> dict:
-    """The compiled entry points by weight dtype (empty where the kernel is off or could not be built); on the
-    first call, also moves the op's CPU implementation to C++ where it can be built."""
-    if native_build.disabled(ENV_VAR):
+    """The compiled entry points by weight dtype (empty where the kernel is off or could not be built; the first
+    call builds it, ~1.5 s once per machine); on the first call, also moves the op's CPU implementation to C++
+    where that is already built (:func:`native` builds it)."""
+    if disabled(ENV_VAR):
         return {}
     path = library_path()
     if path is None:
@@ -303,18 +318,18 @@ def _kernels() -> dict:
             kernels[dtype] = fn
     except (OSError, AttributeError):
         return {}
-    if os.environ.get(ENV_VAR, "").strip().lower() != "python":
-        _load_native(kernels)
+    _load_native(kernels, build=False)
     return kernels
 
 
-def _load_native(kernels: dict) -> None:
-    """Replace the op's Python CPU implementation by the C++ one (built on first use: ~15 s, once per machine and
-    torch version); on any failure the Python one stays."""
+def _load_native(kernels: dict, build: bool) -> None:
+    """Replace the op's Python CPU implementation by the C++ one (with ``build``, built if need be: ~12-15 s, once
+    per machine and torch version); on any failure, or where it is not built and ``build`` is false, the Python
+    one stays."""
     global _native, _python_impl
-    if _native:
+    if _native or not kernels or os.environ.get(ENV_VAR, "").strip().lower() == "python":
         return
-    path = native_library_path()
+    path = native_library_path(build=build)
     if path is None:
         return
     _python_impl = None  # unregisters the Python kernel: loading the library registers the C++ one for CPU
@@ -331,8 +346,10 @@ def _load_native(kernels: dict) -> None:
 
 
 def native() -> bool:
-    """Whether the op's CPU implementation is the C++ glue (else the Python one; both call the same kernel)."""
-    _kernels()
+    """Move the op's CPU implementation to the C++ glue (building it once per machine and torch version, ~12-15 s,
+    where it is not built yet) and say whether it is there (else the op stays in Python: ~20 µs more a call; both
+    call the same kernel). :class:`FastDecoder` calls this; an eager forward only uses the glue once built."""
+    _load_native(_kernels(), build=True)
     return _native
 
 
@@ -372,7 +389,7 @@ def _fake(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 _OP = "llama_hf::small_batch_linear"
-_LIB = native_build.define_op("small_batch_linear(Tensor x, Tensor weight) -> Tensor", _fake)  # and its fake
+_LIB = define_op("small_batch_linear(Tensor x, Tensor weight) -> Tensor", _fake)  # and its fake
 
 # The Python CPU implementation, registered by a Library of its own: dropping it unregisters the kernel, which
 # _load_native does before loading the C++ one.
@@ -395,3 +412,36 @@ def small_batch_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     no kernel) goes to ``F.linear``. The same as ``torch.ops.llama_hf.small_batch_linear`` (no autograd: for
     inference)."""
     return torch.ops.llama_hf.small_batch_linear(x, weight)
+
+
+class SmallBatchLinear(nn.Linear):
+    """``nn.Linear`` (the same parameters, state dict, initialisation and training) whose forward, for inference
+    on a few rows, streams the weight once for all of them through :func:`small_batch_linear`: with autograd off
+    (``torch.no_grad()`` or ``inference_mode``, as ``generate()`` runs), ``x`` a plain CPU tensor of at most
+    :data:`MAX_ROWS` rows (a decoding step's batch) in the weight's dtype (float32 or bfloat16), the weight a plain
+    contiguous tensor, and not while ``torch.compile`` traces it (compiled decoding has its own forms, see
+    :class:`~modeling_llama.FastDecoder`). Anything else (training, prefill-sized inputs, CUDA, tensor subclasses
+    such as DTensor, no C compiler, ``LLAMA_CPU_LINEAR=0``) is ``F.linear``.
+
+    The model's projections are these modules, so a plain ``model.generate()`` on CPU gets the kernel for its steps
+    (2 AVX2 cores, ``100M`` preset: batch 8 ~2.3x stock's ``generate()``, batch 1 ~1.3x; ``benchmarks/RESULTS.md``).
+    The kernel sums in float32 in another order than MKL's, so outputs differ from ``F.linear``'s in the last bits.
+    Its first use builds it (~1.5 s, once per machine); the op's C++ glue is used where already built."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if (
+            not torch.is_grad_enabled()
+            and type(x) is torch.Tensor  # (not a DTensor, FakeTensor or tracing proxy)
+            and x.device.type == "cpu"
+            and x.dim() >= 2
+            and 0 < x.numel() <= MAX_ROWS * x.shape[-1]
+            and type(w) in (nn.Parameter, torch.Tensor)
+            and w.dtype == x.dtype
+            and w.is_contiguous()
+            and not torch.compiler.is_compiling()
+            and available(w.dtype)
+        ):
+            y = torch.ops.llama_hf.small_batch_linear(x, w)
+            return y if self.bias is None else y + self.bias
+        return F.linear(x, w, self.bias)

@@ -238,6 +238,7 @@ class FastDecoder:
                 and cpu_linear.available(dtype)
             ):
                 linear_forward = _streaming_linear_forward
+                cpu_linear.native()  # the op's C++ glue (85 calls a token; built once per machine where it is not)
             elif dtype == torch.float32:
                 linear_forward = _small_batch_linear_forward
             else:

@@ -158,34 +158,46 @@ def move_parameters(params) -> int:
     return offset
 
 
-def _smaps_entry(address: int) -> dict[str, str]:
-    """The ``/proc/self/smaps`` fields (name -> rest of the line) of the memory mapping that holds ``address``;
-    empty where there is none or smaps cannot be read (not Linux)."""
-    fields: dict[str, str] = {}
+def _smaps_entries(start: int, end: int) -> list[dict[str, str]]:
+    """The ``/proc/self/smaps`` fields (name -> rest of the line, plus ``range``) of every memory mapping that
+    overlaps the bytes ``[start, end)``; empty where there is none or smaps cannot be read (not Linux)."""
+    entries: list[dict[str, str]] = []
     try:
         with open("/proc/self/smaps", encoding="ascii", errors="replace") as f:
-            inside = False
+            current = None
             for line in f:
                 head, _, rest = line.partition(" ")
                 if "-" in head and not head.endswith(":"):  # a mapping's first line: "start-end perms ..."
-                    if inside:
-                        break
-                    start, end = (int(x, 16) for x in head.split("-"))
-                    inside = start <= address < end
-                elif inside:
-                    fields[head.rstrip(":")] = rest.strip()
+                    lo, hi = (int(x, 16) for x in head.split("-"))
+                    current = {"range": head} if lo < end and start < hi else None
+                    if current is not None:
+                        entries.append(current)
+                elif current is not None:
+                    current[head.rstrip(":")] = rest.strip()
     except (OSError, ValueError):
-        return {}
-    return fields
+        return []
+    return entries
+
+
+def _smaps_entry(address: int) -> dict[str, str]:
+    """The smaps fields of the mapping that holds ``address`` (empty where none)."""
+    found = _smaps_entries(address, address + 1)
+    return found[0] if found else {}
 
 
 def huge_page_bytes(tensor: torch.Tensor) -> int:
-    """Bytes of huge pages (``AnonHugePages``) the kernel has put in the memory mapping that holds ``tensor``'s
-    first byte, from ``/proc/self/smaps``; 0 where none or unknown (not Linux). Huge pages are best effort: a
-    buffer from :func:`empty` gets them as far as the kernel has free 2-MB blocks when it is first written (and
-    ``khugepaged`` may merge more later), so this can be anywhere from 0 to the mapping's size."""
-    value = _smaps_entry(tensor.data_ptr()).get("AnonHugePages", "0 kB").split()
-    return int(value[0]) * 1024 if value and value[0].isdigit() else 0
+    """Bytes of huge pages (``AnonHugePages``) the kernel has put in the memory mappings that hold ``tensor``'s bytes
+    (whole mappings: they may hold more than the tensor), from ``/proc/self/smaps``; 0 where none or unknown (not
+    Linux). Huge pages are best effort: a buffer from :func:`empty` gets them as far as the kernel has free 2-MB
+    blocks when it is first written (and ``khugepaged`` may merge more later), so this can be anywhere from 0 to
+    the buffer's size."""
+    start = tensor.data_ptr()
+    end = start + max(1, tensor.numel() * tensor.element_size())
+    total = 0
+    for fields in _smaps_entries(start, end):
+        value = fields.get("AnonHugePages", "0 kB").split()
+        total += int(value[0]) * 1024 if value and value[0].isdigit() else 0
+    return total
 
 
 def advised(tensor: torch.Tensor) -> bool:

@@ -17,7 +17,8 @@ float32 across chunks.
 from __future__ import annotations
 
 import torch
-from torch import nn
+
+from .cpu_linear import SmallBatchLinear
 
 _CHUNK_LOGITS = 1 << 25  # logits per chunk (128 MB in float32; 1024 rows of a 32,000-token vocabulary)
 
@@ -111,8 +112,9 @@ def linear_cross_entropy(
     )
 
 
-class LlamaLMHead(nn.Linear):
-    """The output projection (an ``nn.Linear``, weight ``lm_head.weight``): ``head(h)`` gives logits,
+class LlamaLMHead(SmallBatchLinear):
+    """The output projection (an ``nn.Linear``, weight ``lm_head.weight``): ``head(h)`` gives logits (for a few
+    rows on CPU without autograd, a decoding step's, through the streaming kernel: :class:`SmallBatchLinear`),
     ``head(h, targets=...)`` the fused cross-entropy. Calling the module (not reading its weight from outside)
     keeps it working where the weight is only gathered inside the module's forward (DeepSpeed ZeRO-3)."""
 

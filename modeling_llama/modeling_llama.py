@@ -38,6 +38,7 @@ from transformers.modeling_outputs import (
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 
 from .configuration_llama import LlamaConfig
+from .cpu_linear import SmallBatchLinear as Linear  # nn.Linear; inference on a few CPU rows streams the weight once
 from .linear_cross_entropy import LlamaLMHead
 
 # transformers 5.24 renamed the KV cache argument and output field from ``past_key_values`` to ``cache`` (the old
@@ -143,9 +144,9 @@ class LlamaMLP(nn.Module):
 
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # (B, T, F) -> (B, T, D)
@@ -266,10 +267,10 @@ class LlamaAttention(nn.Module):
         self.attention_dropout = config.attention_dropout
         self.is_causal = True
         d, dh = config.hidden_size, self.head_dim
-        self.q_proj = nn.Linear(d, self.num_heads * dh, bias=False)
-        self.k_proj = nn.Linear(d, self.num_key_value_heads * dh, bias=False)
-        self.v_proj = nn.Linear(d, self.num_key_value_heads * dh, bias=False)
-        self.o_proj = nn.Linear(self.num_heads * dh, d, bias=False)
+        self.q_proj = Linear(d, self.num_heads * dh, bias=False)
+        self.k_proj = Linear(d, self.num_key_value_heads * dh, bias=False)
+        self.v_proj = Linear(d, self.num_key_value_heads * dh, bias=False)
+        self.o_proj = Linear(self.num_heads * dh, d, bias=False)
 
     def forward(
         self,

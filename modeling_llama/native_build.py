@@ -58,11 +58,13 @@ def cpu_signature() -> str:
         return platform.processor()
 
 
-def build(stem: str, source: str, suffix: str, compilers: tuple, flag_sets: list, key: tuple = ()) -> Path | None:
+def build(
+    stem: str, source: str, suffix: str, compilers: tuple, flag_sets: list, key: tuple = (), cached_only: bool = False
+) -> Path | None:
     """``source`` compiled into a shared object with the first of ``compilers`` found, trying each flag set in turn
     (the first that compiles wins), cached under ``$XDG_CACHE_HOME/llama-hf`` (the temp directory if that is not
     writable) by a hash of everything that decides the output; ``None`` where no compiler is found or no flag set
-    compiles."""
+    compiles, and with ``cached_only`` where it has not been built yet (nothing is compiled then)."""
     cc = next(filter(None, (shutil.which(c) for c in compilers if c)), None)
     if cc is None:
         return None
@@ -73,6 +75,8 @@ def build(stem: str, source: str, suffix: str, compilers: tuple, flag_sets: list
     for d in dirs:
         if (d / name).is_file():
             return d / name
+    if cached_only:
+        return None
     for d in dirs:
         try:
             d.mkdir(parents=True, exist_ok=True)

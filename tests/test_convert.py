@@ -88,6 +88,8 @@ def test_output_folder_contents(tmp_path, real_tokenizer_path):
         "README.md",
         "modeling_llama.py",
         "linear_cross_entropy.py",
+        "cpu_linear.py",
+        "native_build.py",
         "configuration_llama.py",
         "tokenization_llama.py",
         "tokenization_llama_fast.py",

@@ -180,3 +180,87 @@ print(json.dumps({"available": cpu_linear.available(),
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "XDG_CACHE_HOME": str(tmp_path), cpu_linear.ENV_VAR: "0"}
     assert run_python_json(code, cwd=REPO_ROOT, env=env) == {"available": False, "same": True}
     assert not any(tmp_path.rglob("*.so"))  # nothing was built
+
+
+def _op_calls(fn) -> int:
+    """How many times ``fn()`` calls the streaming op (read from the profiler's op events)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(e.count for e in prof.key_averages() if e.key == cpu_linear._OP)
+
+
+@needs_kernel
+def test_model_projections_take_the_kernel_for_inference_on_a_few_rows():
+    """Our model's linears are SmallBatchLinear: without autograd, on at most MAX_ROWS rows, every projection and
+    the LM head go through the kernel; with autograd, or on more rows, none does (F.linear)."""
+    from conftest import twin_models
+
+    ours, stock = twin_models(seed=2)
+    n_layers = ours.config.num_hidden_layers
+    few = torch.randint(3, 512, (2, 5), generator=torch.Generator().manual_seed(0))  # 10 rows
+    many = torch.randint(3, 512, (3, 6), generator=torch.Generator().manual_seed(1))  # 18 rows
+    with torch.no_grad():
+        assert _op_calls(lambda: ours(few)) == 7 * n_layers + 1
+        assert _op_calls(lambda: ours(many)) == 0
+        assert _op_calls(lambda: stock(few)) == 0  # (stock's nn.Linear: untouched)
+        logits = ours(few).logits
+        ref = stock(few).logits
+    torch.testing.assert_close(logits, ref, rtol=1e-5, atol=1e-5)
+    assert _op_calls(lambda: ours(few).logits.sum().backward()) == 0  # training: F.linear, with its backward
+    assert all(p.grad is not None for p in ours.parameters())
+
+
+@needs_kernel
+def test_generate_on_cpu_through_the_kernel_gives_stock_greedy_tokens():
+    from conftest import twin_models
+
+    ours, stock = twin_models(seed=5)
+    prompt = torch.randint(3, 512, (4, 6), generator=torch.Generator().manual_seed(2))
+    kwargs = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        calls = _op_calls(lambda: ours.generate(prompt, **kwargs))
+        assert torch.equal(ours.generate(prompt, **kwargs), stock.generate(prompt, **kwargs))
+    # the 9 steps after the 24-row prefill, and the prefill's LM head (logits of the last position only: 4 rows)
+    assert calls == 9 * (7 * ours.config.num_hidden_layers + 1) + 1
+    ours_bf16, stock_bf16 = ours.to(torch.bfloat16), stock.to(torch.bfloat16)
+    with torch.no_grad():  # bf16 weights: summed in float32, rounded once, like oneDNN's product
+        torch.testing.assert_close(
+            ours_bf16(prompt[:2]).logits.float(), stock_bf16(prompt[:2]).logits.float(), rtol=2e-2, atol=2e-2
+        )
+
+
+@needs_kernel
+def test_small_batch_linear_module_falls_back_where_the_kernel_does_not_apply():
+    g = torch.Generator().manual_seed(6)
+    lin = cpu_linear.SmallBatchLinear(40, 24, bias=True)
+    x = torch.randn(3, 40, generator=g)
+    with torch.no_grad():
+        assert _op_calls(lambda: lin(x)) == 1
+        torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
+        assert _op_calls(lambda: lin(x[0])) == 0  # one 1-D row: F.linear
+        half = cpu_linear.SmallBatchLinear(40, 24, bias=False).half()
+        assert _op_calls(lambda: half(x.half())) == 0  # float16: no kernel for it
+        t = cpu_linear.SmallBatchLinear(40, 24, bias=False)
+        t.weight = torch.nn.Parameter(torch.randn(40, 24, generator=g).t())  # not contiguous
+        assert _op_calls(lambda: t(x)) == 0 and torch.equal(t(x), F.linear(x, t.weight))
+    assert _op_calls(lambda: lin(x)) == 0  # autograd on
+
+
+@pytest.mark.skipif(not has_cc, reason="no C compiler")
+def test_an_eager_forward_does_not_build_the_cpp_glue(tmp_path):
+    """A model's eager use builds only the C kernel (~1.5 s); the op's C++ glue (~12 s) is built by native()
+    (FastDecoder), and used by eager calls once it exists."""
+    code = """
+import json, torch
+from modeling_llama import cpu_linear
+lin = cpu_linear.SmallBatchLinear(64, 48, bias=False)
+with torch.no_grad():
+    y = lin(torch.randn(4, 64))
+cpu = next(l for l in torch._C._dispatch_dump(cpu_linear._OP).splitlines() if l.startswith("CPU:"))
+print(json.dumps({"available": cpu_linear.available(), "python": "cpu_linear.py" in cpu}))
+"""
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "XDG_CACHE_HOME": str(tmp_path)}
+    assert run_python_json(code, cwd=REPO_ROOT, env=env) == {"available": True, "python": True}
+    assert any(tmp_path.rglob("llama_small_batch_linear-*.so")) and not any(tmp_path.rglob("llama_hf_ops-*.so"))

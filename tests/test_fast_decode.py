@@ -160,7 +160,10 @@ def test_compiled_bf16_batch_picks_the_bf16_argmax(monkeypatch, native):
     assert ours.config._attn_implementation == users_attn  # the prefill's SDPA and the step's attention undone
     with torch.profiler.profile() as prof:
         dec.generate(prompt, 3)
-    assert ("llama_hf::small_batch_linear" in {e.key for e in prof.key_averages()}) == kernel
+    calls = sum(e.count for e in prof.key_averages() if e.key == "llama_hf::small_batch_linear")
+    # the compiled steps call the kernel where bf16 is emulated; with frozen weights only the eager prefill's LM head
+    # (3 rows of logits, our SmallBatchLinear's inference form) may
+    assert (calls > 1) == kernel, calls
 
 
 @pytest.mark.parametrize("native", [True, False])

@@ -41,6 +41,8 @@ def test_folder_contents_card_and_generation_config(folder):
         "configuration_llama.py",
         "modeling_llama.py",
         "linear_cross_entropy.py",
+        "cpu_linear.py",
+        "native_build.py",
         "tokenization_llama.py",
         "tokenization_llama_fast.py",
     } <= names
@@ -197,6 +199,8 @@ def test_push_to_hub_sends_the_whole_folder(monkeypatch, folder, real_tokenizer_
         "README.md",
         "modeling_llama.py",
         "linear_cross_entropy.py",
+        "cpu_linear.py",
+        "native_build.py",
         "configuration_llama.py",
         "tokenizer.json",
         "tokenizer.model",

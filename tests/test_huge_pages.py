@@ -62,7 +62,9 @@ def test_collapse_backs_whole_pages_of_plain_memory_and_keeps_values():
     before = huge_pages.huge_page_bytes(x)
     if huge_pages.collapse(x):  # False on kernels before 6.1 or when no memory could be compacted
         # the 2-MB pages wholly inside 9 MB starting anywhere: at least three
-        assert huge_pages.huge_page_bytes(x) >= max(before, 6 << 20)
+        start = x.data_ptr()
+        mappings = huge_pages._smaps_entries(start, start + x.numel() * 4)
+        assert huge_pages.huge_page_bytes(x) >= max(before, 6 << 20), mappings
     assert torch.equal(x, torch.arange(9 << 18, dtype=torch.float32))
     assert not huge_pages.collapse(torch.ones(1000))  # no whole 2-MB page inside
 
