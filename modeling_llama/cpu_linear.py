@@ -23,6 +23,8 @@ is emulated by oneDNN at a fraction of fp32's speed.
 graph calls it as one opaque kernel; where the kernel cannot run (not fp32 or bf16, mixed dtypes, not CPU, more
 than :data:`MAX_ROWS` rows, no C compiler, a failed build) it computes ``F.linear`` instead, so callers need no
 fallback of their own. :func:`available` says whether the kernel is there. ``LLAMA_CPU_LINEAR=0`` turns it off.
+:class:`SmallBatchLinear`, the ``nn.Linear`` the model's projections are, calls it for inference on a few rows,
+so a plain ``generate()`` on CPU streams its steps' weights this way too.
 
 The op's CPU implementation is C++ where a C++ compiler and torch's headers are there (a few lines of glue, built
 once with the kernel and cached, :func:`native`): the decode step calls it 85 times per token, and the Python
@@ -424,7 +426,7 @@ class SmallBatchLinear(nn.Linear):
     such as DTensor, no C compiler, ``LLAMA_CPU_LINEAR=0``) is ``F.linear``.
 
     The model's projections are these modules, so a plain ``model.generate()`` on CPU gets the kernel for its steps
-    (2 AVX2 cores, ``100M`` preset: batch 8 ~2.3x stock's ``generate()``, batch 1 ~1.3x; ``benchmarks/RESULTS.md``).
+    (2 AVX2 cores, ``100M`` preset: batch 8 2.12x stock's ``generate()``, batch 1 1.44x; ``benchmarks/RESULTS.md``).
     The kernel sums in float32 in another order than MKL's, so outputs differ from ``F.linear``'s in the last bits.
     Its first use builds it (~1.5 s, once per machine); the op's C++ glue is used where already built."""
 

@@ -35,6 +35,7 @@ def table_row(md: str, header: str, prefix: str) -> str:
         "decode_cpu_linear_run2.json",
         "decode_huge_pages.json",
         "decode_ninth_session.json",
+        "decode_small_batch_linear.json",
     ],
 )
 def test_decode_tables_render_every_row(name):
