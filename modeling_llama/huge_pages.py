@@ -163,20 +163,33 @@ def _smaps_entries(start: int, end: int) -> list[dict[str, str]]:
     overlaps the bytes ``[start, end)``; empty where there is none or smaps cannot be read (not Linux)."""
     entries: list[dict[str, str]] = []
     try:
-        with open("/proc/self/smaps", encoding="ascii", errors="replace") as f:
-            current = None
-            for line in f:
-                head, _, rest = line.partition(" ")
-                if "-" in head and not head.endswith(":"):  # a mapping's first line: "start-end perms ..."
-                    lo, hi = (int(x, 16) for x in head.split("-"))
-                    current = {"range": head} if lo < end and start < hi else None
-                    if current is not None:
-                        entries.append(current)
-                elif current is not None:
-                    current[head.rstrip(":")] = rest.strip()
+        current = None
+        for line in _read_smaps().decode("ascii", errors="replace").splitlines():
+            head, _, rest = line.partition(" ")
+            if "-" in head and not head.endswith(":"):  # a mapping's first line: "start-end perms ..."
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                current = {"range": head} if lo < end and start < hi else None
+                if current is not None:
+                    entries.append(current)
+            elif current is not None:
+                current[head.rstrip(":")] = rest.strip()
     except (OSError, ValueError):
         return []
     return entries
+
+
+def _read_smaps() -> bytes:
+    """``/proc/self/smaps`` in as few reads as possible: the kernel writes one read's worth under one hold of the
+    process's memory-map lock, so a single large read is a consistent picture while other threads map and unmap
+    memory (read in small pieces, a mapping that grows between two pieces can be left out)."""
+    fd = os.open("/proc/self/smaps", os.O_RDONLY)
+    try:
+        parts = []
+        while chunk := os.read(fd, 16 << 20):
+            parts.append(chunk)
+        return b"".join(parts)
+    finally:
+        os.close(fd)
 
 
 def _smaps_entry(address: int) -> dict[str, str]:
