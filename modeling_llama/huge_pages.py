@@ -123,6 +123,9 @@ def collapse(tensor: torch.Tensor) -> bool:
     """Ask the kernel to back the whole 2-MB pages inside ``tensor``'s memory with huge pages now
     (``madvise(MADV_COLLAPSE)``, Linux 6.1+), compacting memory if it must, whatever THP's ``defrag`` setting: for
     memory that got 4 KB pages when it was first written because no free 2-MB block was at hand. Values are kept.
+    A 2-MB page cannot straddle two memory mappings: where the tensor's memory spans several (malloc's heap can be
+    split), the pages across a boundary stay small even when the kernel reports success (:func:`empty`'s buffers
+    are one mapping each).
     Returns whether the kernel did it (False on older kernels, where memory cannot be found, or where
     :func:`available` is false)."""
     if not available() or tensor.device.type != "cpu":
