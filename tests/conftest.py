@@ -85,6 +85,16 @@ def stock_config(config):
     return transformers.LlamaConfig.from_dict(config.to_dict())
 
 
+def op_calls(fn, op: str) -> int:
+    """How many times ``fn()`` calls the operator ``op`` (e.g. ``"llama_hf::small_batch_linear"``), read from the
+    profiler's op events."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(e.count for e in prof.key_averages() if e.key == op)
+
+
 def twin_models(seed: int = 0, **overrides):
     """Our tiny model and a stock transformers Llama holding the same weights, both in eval mode."""
     import transformers

@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO_ROOT, run_python_json
+from conftest import REPO_ROOT, op_calls, run_python_json
 
 from modeling_llama import cpu_linear
 
@@ -183,12 +183,8 @@ print(json.dumps({"available": cpu_linear.available(),
 
 
 def _op_calls(fn) -> int:
-    """How many times ``fn()`` calls the streaming op (read from the profiler's op events)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        fn()
-    return sum(e.count for e in prof.key_averages() if e.key == cpu_linear._OP)
+    """How many times ``fn()`` calls the streaming op."""
+    return op_calls(fn, cpu_linear._OP)
 
 
 @needs_kernel
