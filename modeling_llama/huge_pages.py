@@ -97,21 +97,43 @@ def empty(nbytes: int) -> torch.Tensor:
     pages as they are first written (``madvise(MADV_HUGEPAGE)`` before any touch). The memory is a mapping of its
     own (an anonymous ``mmap``), so the advice covers nothing else and the mapping goes back to the system when the
     last view of the tensor is freed (memory from ``malloc``'s heap would keep the advice after it is reused for
-    other allocations). Where :func:`available` is false, a plain tensor (4 KB pages); the contents are
-    uninitialised either way."""
+    other allocations). Where :func:`available` is false, or the system refuses the mapping (an address-space
+    limit, a sandbox; with a warning), a plain tensor (4 KB pages); the contents are uninitialised either way."""
     if nbytes < 0:
         raise ValueError(f"nbytes must be >= 0, got {nbytes}")
-    if not available() or nbytes == 0:
-        return torch.empty(nbytes, dtype=torch.uint8)
+    buf = _mapped(nbytes) if available() and nbytes > 0 else None
+    return torch.empty(nbytes, dtype=torch.uint8) if buf is None else buf
+
+
+def _mapped(nbytes: int) -> torch.Tensor | None:
+    """:func:`empty`'s buffer, or None (with a warning) where the system refuses the mapping or the advice."""
     length = -(-nbytes // PAGE_BYTES) * PAGE_BYTES  # whole huge pages
     # private (a shared anonymous mapping is shmem, whose huge pages follow shmem_enabled); room to start on a
     # 2-MB boundary (the untouched rest costs no memory)
-    region = mmap.mmap(-1, length + PAGE_BYTES, flags=mmap.MAP_PRIVATE | getattr(mmap, "MAP_ANONYMOUS", 0x20))
+    try:
+        region = mmap.mmap(-1, length + PAGE_BYTES, flags=mmap.MAP_PRIVATE | getattr(mmap, "MAP_ANONYMOUS", 0x20))
+    except OSError as e:
+        warnings.warn(
+            f"huge_pages: could not map {length + PAGE_BYTES} bytes for a huge-page buffer ({e}); using ordinary "
+            f"memory (4 KB pages) instead. Set {ENV_VAR}=0 to skip the attempt.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
     with warnings.catch_warnings():  # (torch warns that the buffer is not owned by it: the tensor holds it alive)
         warnings.simplefilter("ignore", UserWarning)
         whole = torch.frombuffer(region, dtype=torch.uint8)
     offset = -whole.data_ptr() % PAGE_BYTES
-    region.madvise(mmap.MADV_HUGEPAGE, offset, length)
+    try:
+        region.madvise(mmap.MADV_HUGEPAGE, offset, length)
+    except OSError as e:  # (a kernel built without THP, a seccomp filter): the buffer would get 4 KB pages
+        warnings.warn(
+            f"huge_pages: madvise(MADV_HUGEPAGE) was refused ({e}); using ordinary memory (4 KB pages) instead. "
+            f"Set {ENV_VAR}=0 to skip the attempt.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
     return whole[offset : offset + nbytes]  # (a view: the mapping lives as long as any view of it)
 
 
@@ -138,15 +160,17 @@ def collapse(tensor: torch.Tensor) -> bool:
 def move_parameters(params) -> int:
     """Move each parameter's data into one buffer from :func:`empty` (each 64-byte aligned, same dtype, shape and
     values; a parameter listed twice, e.g. tied, moves once). One parameter at a time, so the old copy of each is
-    freed as the next is moved. Returns the bytes moved; 0 (and nothing moved) where :func:`available` is false
-    or a parameter is not a contiguous CPU tensor."""
+    freed as the next is moved. Returns the bytes moved; 0 (and nothing moved) where :func:`available` is false,
+    a parameter is not a contiguous CPU tensor, or the system refuses the buffer's mapping (with a warning)."""
     unique = list({id(p): p for p in params}.values())
     if not unique or not available():
         return 0
     if any(p.device.type != "cpu" or not p.is_contiguous() for p in unique):
         return 0
     sizes = [-(-p.numel() * p.element_size() // 64) * 64 for p in unique]
-    arena = empty(sum(sizes))
+    arena = _mapped(sum(sizes)) if sum(sizes) else None
+    if arena is None:
+        return 0
     offset = 0
     with torch.no_grad():
         for p, size in zip(unique, sizes):

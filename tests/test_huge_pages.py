@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import gc
 import mmap
+import os
 import warnings
 
 import pytest
 import torch
-from conftest import twin_models
+from conftest import REPO_ROOT, twin_models
 
 from modeling_llama import FastDecoder, huge_pages
 
@@ -160,3 +161,81 @@ def test_a_compiled_decoder_still_right_after_the_weights_move_again():
     assert second.huge_page_bytes > 0 and ours.lm_head.weight.data_ptr() != before
     assert torch.equal(first.generate(prompt, 6), ref)
     assert torch.equal(second.generate(prompt, 6), ref)
+
+
+_SECCOMP_CHILD = r"""
+import ctypes, errno, sys, warnings
+import torch
+from modeling_llama import FastDecoder, huge_pages
+
+class Cmp(ctypes.Structure):  # struct scmp_arg_cmp
+    _fields_ = [("arg", ctypes.c_uint), ("op", ctypes.c_int), ("a", ctypes.c_uint64), ("b", ctypes.c_uint64)]
+
+lib = ctypes.CDLL("libseccomp.so.2")
+lib.seccomp_init.restype = ctypes.c_void_p
+ctx = ctypes.c_void_p(lib.seccomp_init(0x7FFF0000))  # default: allow
+EQ, ERRNO = 4, 0x00050000
+def refuse(name, arg, value, err):
+    rule = Cmp(arg, EQ, value, 0)
+    nr = lib.seccomp_syscall_resolve_name(name.encode())
+    assert lib.seccomp_rule_add_array(ctx, ERRNO | err, nr, 1, ctypes.byref(rule)) == 0
+refused = sys.argv[1]
+if refused == "mmap":  # the mapping for a 3 MB buffer: 4 MB of whole huge pages + 2 MB to align
+    refuse("mmap", 1, 6 << 20, errno.ENOMEM)
+else:  # every madvise(MADV_HUGEPAGE)
+    refuse("madvise", 2, 14, errno.EPERM)
+assert lib.seccomp_load(ctx) == 0
+
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    buf = huge_pages.empty(3 << 20)
+assert buf.numel() == 3 << 20 and not huge_pages.advised(buf), refused
+assert any("ordinary memory" in str(w.message) for w in caught), [str(w.message) for w in caught]
+buf.fill_(7)
+assert int(buf.sum()) == 7 * (3 << 20)
+if refused == "madvise":  # every buffer is refused: nothing moves, and decoding is unchanged
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=4, max_position_embeddings=64)
+    model = LlamaForCausalLM(cfg).eval()
+    weight = model.lm_head.weight
+    ptr = weight.data_ptr()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert huge_pages.move_parameters([weight]) == 0 and weight.data_ptr() == ptr
+        prompt = torch.randint(3, 256, (2, 5), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            ref = model.generate(prompt, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+        dec = FastDecoder(model, batch_size=2, max_length=16, dtype=torch.float32, compile=False)
+    assert dec.huge_page_bytes == 0
+    assert torch.equal(dec.generate(prompt, 6), ref[:, 5:])
+print("ok", refused)
+"""
+
+
+def _libseccomp() -> bool:
+    import ctypes
+
+    try:
+        ctypes.CDLL("libseccomp.so.2")
+    except OSError:
+        return False
+    return True
+
+
+@needs_thp
+@pytest.mark.skipif(not _libseccomp(), reason="libseccomp (to make the kernel refuse a call) is not installed")
+@pytest.mark.parametrize("refused", ["mmap", "madvise"])
+def test_a_refused_mapping_or_advice_falls_back_to_ordinary_memory(refused):
+    """Where the system refuses the buffer's mapping (an address-space limit) or the advice (a kernel without THP, a
+    sandbox), empty() warns and returns ordinary memory, move_parameters moves nothing, and FastDecoder decodes as
+    before. The kernel really refuses: a seccomp filter in a child process (libseccomp, through ctypes)."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-c", _SECCOMP_CHILD, refused], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert proc.returncode == 0 and f"ok {refused}" in proc.stdout, proc.stdout + proc.stderr
