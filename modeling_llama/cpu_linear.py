@@ -426,7 +426,8 @@ class SmallBatchLinear(nn.Linear):
     such as DTensor, no C compiler, ``LLAMA_CPU_LINEAR=0``) is ``F.linear``.
 
     The model's projections are these modules, so a plain ``model.generate()`` on CPU gets the kernel for its steps
-    (2 AVX2 cores, ``100M`` preset: batch 8 2.12x stock's ``generate()``, batch 1 1.44x; ``benchmarks/RESULTS.md``).
+    (2 AVX2 cores, ``100M`` preset: batch 8 1.87x-2.12x stock's ``generate()``, batch 1 1.09x-1.44x, two runs;
+    ``benchmarks/RESULTS.md``).
     The kernel sums in float32 in another order than MKL's, so outputs differ from ``F.linear``'s in the last bits.
     Its first use builds it (~1.5 s, once per machine); the op's C++ glue is used where already built."""
 
