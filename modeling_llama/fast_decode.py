@@ -339,6 +339,17 @@ class FastDecoder:
                 f"FastDecoder was built for batch_size={self.batch_size}; got input_ids of shape "
                 f"{tuple(input_ids.shape)}. Build another FastDecoder for another batch size."
             )
+        if (
+            input_ids.shape[1] == 0
+            or input_ids.dtype == torch.bool
+            or input_ids.dtype.is_floating_point
+            or input_ids.dtype.is_complex
+        ):
+            raise ValueError(
+                f"input_ids must be token ids (an integer tensor) with at least one token per row; got shape "
+                f"{tuple(input_ids.shape)}, dtype {input_ids.dtype}. Start each row with the BOS token if the prompt "
+                "is empty."
+            )
         t = input_ids.shape[1]
         if max_new_tokens < 1 or t + max_new_tokens > self.max_length:
             raise ValueError(

@@ -188,6 +188,11 @@ def test_fast_decode_refuses_bad_input():
         dec.generate(torch.zeros(2, 10, dtype=torch.long), 7)
     with pytest.raises(ValueError, match="max_new_tokens >= 1"):
         dec.generate(torch.zeros(2, 10, dtype=torch.long), 0)
+    with pytest.raises(ValueError, match="at least one token per row"):
+        dec.generate(torch.zeros(2, 0, dtype=torch.long), 3)
+    with pytest.raises(ValueError, match="integer tensor"):
+        dec.generate(torch.zeros(2, 4), 3)
+    assert dec.generate(torch.ones(2, 4, dtype=torch.int32), 2).shape == (2, 2)  # int32 ids are token ids too
     with pytest.raises(ValueError, match="batch_size >= 1"):
         FastDecoder(ours, batch_size=0, max_length=16)
     with pytest.raises(TypeError, match="causal LM"):
