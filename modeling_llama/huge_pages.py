@@ -113,13 +113,7 @@ def _mapped(nbytes: int) -> torch.Tensor | None:
     try:
         region = mmap.mmap(-1, length + PAGE_BYTES, flags=mmap.MAP_PRIVATE | getattr(mmap, "MAP_ANONYMOUS", 0x20))
     except OSError as e:
-        warnings.warn(
-            f"huge_pages: could not map {length + PAGE_BYTES} bytes for a huge-page buffer ({e}); using ordinary "
-            f"memory (4 KB pages) instead. Set {ENV_VAR}=0 to skip the attempt.",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        return None
+        return _refused(f"could not map {length + PAGE_BYTES} bytes for a huge-page buffer", e)
     with warnings.catch_warnings():  # (torch warns that the buffer is not owned by it: the tensor holds it alive)
         warnings.simplefilter("ignore", UserWarning)
         whole = torch.frombuffer(region, dtype=torch.uint8)
@@ -127,14 +121,18 @@ def _mapped(nbytes: int) -> torch.Tensor | None:
     try:
         region.madvise(mmap.MADV_HUGEPAGE, offset, length)
     except OSError as e:  # (a kernel built without THP, a seccomp filter): the buffer would get 4 KB pages
-        warnings.warn(
-            f"huge_pages: madvise(MADV_HUGEPAGE) was refused ({e}); using ordinary memory (4 KB pages) instead. "
-            f"Set {ENV_VAR}=0 to skip the attempt.",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        return None
+        return _refused("madvise(MADV_HUGEPAGE) was refused", e)
     return whole[offset : offset + nbytes]  # (a view: the mapping lives as long as any view of it)
+
+
+def _refused(what: str, error: OSError) -> None:
+    """Warn (at the caller of :func:`empty` / :func:`move_parameters`) that ordinary memory is used instead."""
+    warnings.warn(
+        f"huge_pages: {what} ({error}); using ordinary memory (4 KB pages) instead. Set {ENV_VAR}=0 to skip the "
+        "attempt.",
+        RuntimeWarning,
+        stacklevel=4,
+    )
 
 
 def _madvise(address: int, length: int, advice: int) -> bool:
@@ -168,7 +166,8 @@ def move_parameters(params) -> int:
     if any(p.device.type != "cpu" or not p.is_contiguous() for p in unique):
         return 0
     sizes = [-(-p.numel() * p.element_size() // 64) * 64 for p in unique]
-    arena = _mapped(sum(sizes)) if sum(sizes) else None
+    total = sum(sizes)
+    arena = _mapped(total) if total else None
     if arena is None:
         return 0
     offset = 0

@@ -11,11 +11,21 @@ import warnings
 
 import pytest
 import torch
-from conftest import REPO_ROOT, twin_models
+from conftest import REPO_ROOT, run_python_json, twin_models
 
 from modeling_llama import FastDecoder, huge_pages
 
 needs_thp = pytest.mark.skipif(not huge_pages.available(), reason="no transparent huge pages (not Linux, or THP never)")
+
+
+def _own_mapping(nbytes: int, dtype: torch.dtype, advice: int | None = None) -> torch.Tensor:
+    """A tensor over an anonymous private mapping of its own (not malloc's heap), optionally ``madvise``d first."""
+    region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE)
+    if advice is not None:
+        region.madvise(advice)
+    with warnings.catch_warnings():  # (torch warns that it does not own the buffer: the tensor keeps it alive)
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.frombuffer(region, dtype=dtype)
 
 
 @needs_thp
@@ -27,11 +37,7 @@ def test_empty_is_aligned_and_marked_for_huge_pages():
     # The control: a mapping marked MADV_NOHUGEPAGE reads as not advised and gets no huge pages, whatever the
     # system's THP mode. (Not torch's own memory: whether malloc's mappings carry the advice depends on the
     # environment (THP_MEM_ALLOC_ENABLE, glibc's hugetlb tunable, a process-wide THP policy); one CI machine's did.)
-    region = mmap.mmap(-1, 9 << 20, flags=mmap.MAP_PRIVATE)
-    region.madvise(mmap.MADV_NOHUGEPAGE)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        control = torch.frombuffer(region, dtype=torch.uint8)
+    control = _own_mapping(9 << 20, torch.uint8, advice=mmap.MADV_NOHUGEPAGE)
     assert not huge_pages.advised(control), huge_pages._smaps_entry(control.data_ptr())
     buf.fill_(1)  # first touch: the kernel allocates the pages now, huge ones as far as it has free 2-MB blocks
     control.fill_(1)
@@ -67,10 +73,7 @@ def test_the_buffer_is_its_own_mapping_and_goes_back_when_freed():
 def test_collapse_backs_whole_pages_of_plain_memory_and_keeps_values():
     # plain memory in one mapping of its own, on 4 KB pages (not advised; torch's allocation could lie across two
     # mappings of malloc's heap, and a 2-MB page cannot straddle two mappings, so a collapse leaves it small)
-    region = mmap.mmap(-1, 9 << 20, flags=mmap.MAP_PRIVATE)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        x = torch.frombuffer(region, dtype=torch.float32)
+    x = _own_mapping(9 << 20, torch.float32)
     x.copy_(torch.arange(x.numel(), dtype=torch.float32))
     before = huge_pages.huge_page_bytes(x)
     if huge_pages.thp_mode() == "madvise" and not huge_pages.advised(x):  # (a process-wide policy may advise it)
@@ -164,7 +167,7 @@ def test_a_compiled_decoder_still_right_after_the_weights_move_again():
 
 
 _SECCOMP_CHILD = r"""
-import ctypes, errno, sys, warnings
+import ctypes, errno, json, sys, warnings
 import torch
 from modeling_llama import FastDecoder, huge_pages
 
@@ -210,7 +213,7 @@ if refused == "madvise":  # every buffer is refused: nothing moves, and decoding
         dec = FastDecoder(model, batch_size=2, max_length=16, dtype=torch.float32, compile=False)
     assert dec.huge_page_bytes == 0
     assert torch.equal(dec.generate(prompt, 6), ref[:, 5:])
-print("ok", refused)
+print(json.dumps({"ok": refused}))
 """
 
 
@@ -231,11 +234,5 @@ def test_a_refused_mapping_or_advice_falls_back_to_ordinary_memory(refused):
     """Where the system refuses the buffer's mapping (an address-space limit) or the advice (a kernel without THP, a
     sandbox), empty() warns and returns ordinary memory, move_parameters moves nothing, and FastDecoder decodes as
     before. The kernel really refuses: a seccomp filter in a child process (libseccomp, through ctypes)."""
-    import subprocess
-    import sys
-
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    proc = subprocess.run(
-        [sys.executable, "-c", _SECCOMP_CHILD, refused], capture_output=True, text=True, env=env, timeout=300
-    )
-    assert proc.returncode == 0 and f"ok {refused}" in proc.stdout, proc.stdout + proc.stderr
+    assert run_python_json(_SECCOMP_CHILD, refused, cwd=REPO_ROOT, env=env) == {"ok": refused}
