@@ -17,7 +17,9 @@ pool (it links the same ``libgomp``). Measured on the decode shapes of the ``100
 bfloat16 weights (with bf16 inputs) go through the same loop: each 8-weight piece is widened to float32 exactly
 (a zero-extend and a shift, shared by all the rows), the sums are float32, the output is rounded to bf16 once. On a
 CPU without bf16 arithmetic (AVX2) this reads half the bytes of the fp32 product, where torch's bf16 ``F.linear``
-is emulated by oneDNN at a fraction of fp32's speed.
+is emulated by oneDNN at a fraction of fp32's speed. On a CPU with AVX512-BF16 the bf16 loop uses its dot-product
+instruction instead (32 weights by 32 inputs, float32 sums; :func:`forms`): on 2 Intel cores 1.5-2x the rate of
+torch's bf16 ``F.linear`` at 1-8 rows.
 
 :func:`small_batch_linear` is a ``torch.library`` op, ``torch.ops.llama_hf.small_batch_linear``, so a compiled
 graph calls it as one opaque kernel; where the kernel cannot run (not fp32 or bf16, mixed dtypes, not CPU, more
@@ -51,6 +53,8 @@ __all__ = [
     "small_batch_linear",
     "SmallBatchLinear",
     "available",
+    "eager_rows",
+    "forms",
     "native",
     "library_path",
     "native_library_path",
@@ -63,8 +67,9 @@ MAX_ROWS = 16  # beyond ~16 rows the products are compute-bound, and MKL's is fa
 
 _SOURCE = r"""
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
-#ifdef __AVX2__
+#if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 #ifdef _OPENMP
@@ -75,6 +80,16 @@ typedef float v8 __attribute__((vector_size(32)));
 typedef uint16_t u16x8 __attribute__((vector_size(16)));  /* 8 bf16 */
 typedef uint32_t u32x8 __attribute__((vector_size(32)));
 #define PREFETCH_BYTES 4096  /* ahead of the weight row being read */
+/* The prefetch's hint: non-temporal (0) by default, the best of those measured on AMD Zen 3; T0 (3) on Intel,
+   where the non-temporal one halved the 8-row products' rate (library_path() passes -DPREFETCH_HINT=3 there, and
+   -DPREFETCH_ROW1=1: the one-row form prefetches too). */
+#ifndef PREFETCH_HINT
+#define PREFETCH_HINT 0
+#endif
+#ifndef PREFETCH_ROW1
+#define PREFETCH_ROW1 0
+#endif
+#define PREFETCH(p) __builtin_prefetch((p), 0, PREFETCH_HINT)
 
 static inline v8 ld(const float* p) { v8 v; memcpy(&v, p, sizeof v); return v; }
 static inline float hsum(v8 a) { float s = 0.f; for (int i = 0; i < 8; i++) s += a[i]; return s; }
@@ -91,14 +106,15 @@ static inline v8 ld_bf16(const uint16_t* p) {
 }
 static inline float bf16_to_float(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
 
-/* y[0] = x . wr over K, one input row: four accumulators over k, so the adds do not wait on each other (no
-   software prefetch: it did not help a single sequential stream). */
+/* y[0] = x . wr over K, one input row: four accumulators over k, so the adds do not wait on each other (software
+   prefetch only with PREFETCH_ROW1: it did not help a single sequential stream on Zen 3, and did on Intel). */
 #define DEFINE_ROW_1(NAME, WT, LOADW, SCALARW)                                                              \
 static void NAME(const float* x, const WT* wr, int64_t K, float* y, int64_t ldy) {                          \
     (void)ldy;                                                                                              \
     const int64_t K32 = K & ~(int64_t)31;                                                                   \
     v8 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};                                                              \
     for (int64_t k = 0; k < K32; k += 32) {                                                                 \
+        if (PREFETCH_ROW1) PREFETCH(wr + k + PREFETCH_BYTES / sizeof(WT));                                  \
         a0 += LOADW(wr + k) * ld(x + k);                                                                    \
         a1 += LOADW(wr + k + 8) * ld(x + k + 8);                                                            \
         a2 += LOADW(wr + k + 16) * ld(x + k + 16);                                                          \
@@ -117,7 +133,7 @@ static void NAME(const float* x, const WT* wr, int64_t K, float* y, int64_t ldy)
     v8 acc[MM];                                                                                             \
     for (int m = 0; m < MM; m++) acc[m] = (v8){0};                                                          \
     for (int64_t k = 0; k < K8; k += 8) {                                                                   \
-        __builtin_prefetch(wr + k + PREFETCH_BYTES / sizeof(WT), 0, 0);                                     \
+        PREFETCH(wr + k + PREFETCH_BYTES / sizeof(WT));                                                     \
         v8 wv = LOADW(wr + k);                                                                              \
         for (int m = 0; m < MM; m++) acc[m] += wv * ld(x + m * K + k);                                      \
     }                                                                                                       \
@@ -139,8 +155,8 @@ static void NAME(const float* x, const WT* wr, int64_t K, float* y, int64_t ldy)
     v8 acc0[MM], acc1[MM];                                                                                  \
     for (int m = 0; m < MM; m++) acc0[m] = acc1[m] = (v8){0};                                               \
     for (int64_t k = 0; k < K8; k += 8) {                                                                   \
-        __builtin_prefetch(wr + k + PREFETCH_BYTES / sizeof(WT), 0, 0);                                     \
-        __builtin_prefetch(wr1 + k + PREFETCH_BYTES / sizeof(WT), 0, 0);                                    \
+        PREFETCH(wr + k + PREFETCH_BYTES / sizeof(WT));                                                     \
+        PREFETCH(wr1 + k + PREFETCH_BYTES / sizeof(WT));                                                    \
         const v8 w0 = LOADW(wr + k), w1 = LOADW(wr1 + k);                                                   \
         for (int m = 0; m < MM; m++) {                                                                      \
             const v8 xv = ld(x + m * K + k);                                                                \
@@ -224,7 +240,83 @@ int NAME(const float* x, int64_t M, const WT* w, int64_t N, int64_t K, float* y)
 #define THREADS(nt, t) ((void)0)
 #endif
 DEFINE_ENTRY(llama_small_batch_linear, float, F32, F32X2)
+#if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512F__)
+/* bf16 weights on a CPU with bf16 dot products (AVX512-BF16: Intel Cooper Lake, Sapphire Rapids and later; AMD Zen
+   4 and later): vdpbf16ps multiplies 32 bf16 weights by 32 bf16 inputs and adds each pair of products into one of
+   16 float32 sums, a quarter of the instructions of widening each weight to float32 (which ran at ~10 GB/s of
+   weights at 8 rows on 2 Intel cores, compute-bound). The inputs are rounded to bf16 first: exact for the op's
+   bf16 inputs. The products are exact in float32; the sums are float32 (rounded to nearest even, subnormals
+   flushed to zero, as the instruction does), added in another order than the widening form's. */
+#define BF16_DOT 1
+static inline __m512bh ld_bh(const uint16_t* p) { return (__m512bh)_mm512_loadu_si512(p); }
+static inline __m512bh ld_bh_tail(const uint16_t* p, int64_t left) {  /* the K tail (left < 32), zero-filled */
+    return (__m512bh)_mm512_maskz_loadu_epi16((__mmask32)((1u << left) - 1u), p);
+}
+/* y[m * ldy] = x[m] . wr for MM bf16 input rows; each 32-weight piece loaded once for all of them. One row: two
+   sums alternate, so consecutive dot products do not wait on each other. */
+#define DEFINE_DOT(NAME, MM)                                                                                \
+static void NAME(const uint16_t* x, const uint16_t* wr, int64_t K, float* y, int64_t ldy) {                 \
+    __m512 acc[MM], acc1 = _mm512_setzero_ps();                                                             \
+    for (int m = 0; m < MM; m++) acc[m] = _mm512_setzero_ps();                                              \
+    const int64_t K32 = K & ~(int64_t)31;                                                                   \
+    int64_t k = 0;                                                                                          \
+    if (MM == 1)                                                                                            \
+        for (; k + 64 <= K32; k += 64) {                                                                    \
+            PREFETCH(wr + k + PREFETCH_BYTES / 2);                                                          \
+            PREFETCH(wr + k + 32 + PREFETCH_BYTES / 2);                                                     \
+            acc[0] = _mm512_dpbf16_ps(acc[0], ld_bh(x + k), ld_bh(wr + k));                                 \
+            acc1 = _mm512_dpbf16_ps(acc1, ld_bh(x + k + 32), ld_bh(wr + k + 32));                           \
+        }                                                                                                   \
+    for (; k < K32; k += 32) {                                                                              \
+        PREFETCH(wr + k + PREFETCH_BYTES / 2);                                                              \
+        const __m512bh wv = ld_bh(wr + k);                                                                  \
+        _Pragma("GCC unroll 8")                                                                             \
+        for (int m = 0; m < MM; m++) acc[m] = _mm512_dpbf16_ps(acc[m], ld_bh(x + m * K + k), wv);           \
+    }                                                                                                       \
+    if (k < K) {                                                                                            \
+        const __m512bh wv = ld_bh_tail(wr + k, K - k);                                                      \
+        _Pragma("GCC unroll 8")                                                                             \
+        for (int m = 0; m < MM; m++) acc[m] = _mm512_dpbf16_ps(acc[m], ld_bh_tail(x + m * K + k, K - k), wv);\
+    }                                                                                                       \
+    acc[0] = _mm512_add_ps(acc[0], acc1);                                                                   \
+    _Pragma("GCC unroll 8")                                                                                 \
+    for (int m = 0; m < MM; m++) y[m * ldy] = _mm512_reduce_add_ps(acc[m]);                                 \
+}
+DEFINE_DOT(dot_1, 1) DEFINE_DOT(dot_2, 2) DEFINE_DOT(dot_3, 3) DEFINE_DOT(dot_4, 4)
+DEFINE_DOT(dot_5, 5) DEFINE_DOT(dot_6, 6) DEFINE_DOT(dot_7, 7) DEFINE_DOT(dot_8, 8)
+typedef void (*dot_fn)(const uint16_t*, const uint16_t*, int64_t, float*, int64_t);
+static const dot_fn DOT[9] = {0, dot_1, dot_2, dot_3, dot_4, dot_5, dot_6, dot_7, dot_8};
+
+/* float32 -> bf16, rounded to nearest even (exact for values that are bf16 already; NaN stays NaN) */
+static inline uint16_t float_to_bf16(float f) {
+    uint32_t u; memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+int llama_small_batch_linear_bf16(const float* x, int64_t M, const uint16_t* w, int64_t N, int64_t K, float* y) {
+    if (M < 1) return -1;
+    uint16_t* xb = (uint16_t*)malloc((size_t)(M * K) * sizeof(uint16_t) + 64);
+    if (!xb) return -2;
+    for (int64_t i = 0; i < M * K; i++) xb[i] = float_to_bf16(x[i]);
+    _Pragma("omp parallel")
+    {
+        int64_t nt = 1, t = 0;
+        THREADS(nt, t);
+        const int64_t per = (N + nt - 1) / nt, n0 = t * per, n1 = n0 + per < N ? n0 + per : N;
+        for (int64_t n = n0; n < n1; n++)
+            for (int64_t m = 0; m < M; m += 8)
+                DOT[M - m < 8 ? M - m : 8](xb + m * K, w + n * K, K, y + m * N + n, N);
+    }
+    free(xb);
+    return 0;
+}
+#else
+#define BF16_DOT 0
 DEFINE_ENTRY(llama_small_batch_linear_bf16, uint16_t, BF16, BF16X2)
+#endif
+/* which forms this build has: bit 0, bf16 dot products; bit 1, the T0 prefetch hint */
+int llama_small_batch_linear_forms(void) { return BF16_DOT | (PREFETCH_HINT == 3) << 1; }
 """
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 _FLAGS_NO_OPENMP = [f for f in _FLAGS if f != "-fopenmp"]  # a compiler without OpenMP: one thread
@@ -260,11 +352,11 @@ static at::Tensor small_batch_linear(const at::Tensor& x, const at::Tensor& w) {
     std::vector<int64_t> sizes(x.sizes().begin(), x.sizes().end());
     sizes.back() = w.size(0);
     at::Tensor y = at::empty(sizes, x.options().dtype(at::kFloat));  // (..., N): written as (M, N)
-    if (dt == at::kFloat)
-        kernel_f32(x32.const_data_ptr<float>(), rows, wc.const_data_ptr<float>(), w.size(0), K, y.data_ptr<float>());
-    else
-        kernel_bf16(x32.const_data_ptr<float>(), rows, static_cast<const uint16_t*>(wc.const_data_ptr()), w.size(0),
-                    K, y.data_ptr<float>());
+    const int rc = dt == at::kFloat
+        ? kernel_f32(x32.const_data_ptr<float>(), rows, wc.const_data_ptr<float>(), w.size(0), K, y.data_ptr<float>())
+        : kernel_bf16(x32.const_data_ptr<float>(), rows, static_cast<const uint16_t*>(wc.const_data_ptr()), w.size(0),
+                      K, y.data_ptr<float>());
+    if (rc != 0) return at::linear(x, w);  // -2: no memory for the bf16 rows
     return dt == at::kFloat ? y : y.to(dt);  // bf16: the fp32 sums rounded once, to nearest even
 }
 
@@ -276,8 +368,51 @@ def library_path() -> Path | None:
     """The compiled kernel (a shared object), built on first use with ``$CC``/``cc``/``gcc``/``clang`` and cached
     under ``$XDG_CACHE_HOME/llama-hf`` (the temp directory if that is not writable); ``None`` where no compiler is
     found or the build fails."""
-    flag_sets = [_FLAGS, _FLAGS_NO_OPENMP]
+    tuned = _vendor_defines()
+    flag_sets = [_FLAGS + tuned, _FLAGS_NO_OPENMP + tuned]
     return _build("llama_small_batch_linear", _SOURCE, ".c", c_compilers(), flag_sets)
+
+
+def _intel() -> bool:
+    from .native_build import cpu_signature
+
+    return "GenuineIntel" in cpu_signature()
+
+
+def _vendor_defines() -> list[str]:
+    """The prefetch form measured best on this CPU's vendor: on Intel (a 2-core Xeon with AVX-512, 2026-12-01) the
+    T0 hint, with the one-row form prefetching too (8 rows: 8.5 -> 16-18 GB/s of fp32 weights; one row 17-18 ->
+    20); elsewhere (AMD Zen 3) the non-temporal hint, the best of those measured there (``benchmarks/RESULTS.md``)."""
+    return ["-DPREFETCH_HINT=3", "-DPREFETCH_ROW1=1"] if _intel() else []
+
+
+@functools.cache
+def forms() -> dict:
+    """What this machine's build of the kernel does (empty where there is none): ``bf16_dot``, bf16 weights
+    multiplied by the CPU's bf16 dot-product instruction (AVX512-BF16) rather than widened to float32 for FMAs;
+    ``prefetch``, the hint of its software prefetch (``"t0"`` on Intel, ``"nta"`` elsewhere)."""
+    path = library_path() if not disabled(ENV_VAR) else None
+    if path is None:
+        return {}
+    try:
+        bits = ctypes.CDLL(str(path)).llama_small_batch_linear_forms()
+    except (OSError, AttributeError):
+        return {}
+    return {"bf16_dot": bool(bits & 1), "prefetch": "t0" if bits & 2 else "nta"}
+
+
+@functools.cache
+def eager_rows(dtype: torch.dtype = torch.float32) -> range:
+    """The row counts for which :class:`SmallBatchLinear`'s eager forward takes the kernel for weights of ``dtype``
+    (empty where it has none). All of 1 .. :data:`MAX_ROWS`, except float32 on Intel CPUs, where MKL's own
+    products of 1-3 and of 13-16 rows were as fast or faster (2-core Xeon with AVX-512, ``100M`` and LLaMA-7B layer
+    shapes: the kernel took 1.09-1.22x MKL's time at 1 row, 0.99-1.08x at 2-3, 0.43-0.79x at 4-12, 1.01-1.26x at
+    16; ``benchmarks/RESULTS.md``)."""
+    if not available(dtype):
+        return range(0)
+    if dtype == torch.float32 and _intel():
+        return range(4, 13)
+    return range(1, MAX_ROWS + 1)
 
 
 def native_library_path(build: bool = True) -> Path | None:
@@ -379,7 +514,8 @@ def _small_batch_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     # (..., K) read as (M, K) in float32: bf16 rows are upcast (exactly; a few KB); few Python calls, 85 a token
     x32 = x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous()
     y = torch.empty(*x.shape[:-1], n, dtype=torch.float32)  # (..., N): written as (M, N)
-    fn(x32.data_ptr(), rows, w.data_ptr(), n, k, y.data_ptr())  # returns -1 only for rows < 1
+    if fn(x32.data_ptr(), rows, w.data_ptr(), n, k, y.data_ptr()) != 0:  # -2: no memory for the bf16 rows
+        return F.linear(x, weight)
     return y if x.dtype == torch.float32 else y.to(x.dtype)  # bf16: the fp32 sums rounded once, to nearest even
 
 
@@ -420,7 +556,8 @@ class SmallBatchLinear(nn.Linear):
     """``nn.Linear`` (the same parameters, state dict, initialisation and training) whose forward, for inference
     on a few rows, streams the weight once for all of them through :func:`small_batch_linear`: with autograd off
     (``torch.no_grad()`` or ``inference_mode``, as ``generate()`` runs), ``x`` a plain CPU tensor of at most
-    :data:`MAX_ROWS` rows (a decoding step's batch) in the weight's dtype (float32 or bfloat16), the weight a plain
+    :data:`MAX_ROWS` rows (a decoding step's batch; :func:`eager_rows` says which counts, by dtype and CPU) in the
+    weight's dtype (float32 or bfloat16), the weight a plain
     contiguous tensor, and not while ``torch.compile`` traces it (compiled decoding has its own forms, see
     :class:`~modeling_llama.FastDecoder`). Anything else (training, prefill-sized inputs, CUDA, tensor subclasses
     such as DTensor, no C compiler, ``LLAMA_CPU_LINEAR=0``) is ``F.linear``.
@@ -438,12 +575,12 @@ class SmallBatchLinear(nn.Linear):
             and type(x) is torch.Tensor  # (not a DTensor, FakeTensor or tracing proxy)
             and x.device.type == "cpu"
             and x.dim() >= 2
-            and 0 < x.numel() <= MAX_ROWS * x.shape[-1]
+            and x.shape[-1] > 0
+            and x.numel() // x.shape[-1] in eager_rows(w.dtype)
             and type(w) in (nn.Parameter, torch.Tensor)
             and w.dtype == x.dtype
             and w.is_contiguous()
             and not torch.compiler.is_compiling()
-            and available(w.dtype)
         ):
             y = torch.ops.llama_hf.small_batch_linear(x, w)
             return y if self.bias is None else y + self.bias

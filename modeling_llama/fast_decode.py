@@ -20,8 +20,10 @@ memory-bound. :class:`FastDecoder` is the path for latency:
   2 AVX2 cores at batch 8 against 4-7 for MKL's product; batch 8 decoding 80 -> 114 tok/s); where that kernel
   cannot be built (no C compiler), and at batch > 16, each linear is traced as ``W @ xᵀ`` (a tall-skinny
   product), which MKL runs ~1.3-2.4x faster than ``x @ Wᵀ`` for a few rows. The eager prefill in fp32 runs its
-  linears as ``W @ xᵀ`` too (32-256 rows: 1.1-1.9x faster in MKL). In bf16 at batch > 1 the linears stay
-  matmuls and inductor's freezing pre-packs the weights for oneDNN.
+  linears as ``W @ xᵀ`` too (32-256 rows: 1.1-1.9x faster in MKL). In bf16 the kernel takes batch 2-16, and
+  batch 1 as well where its bf16 form is the CPU's dot-product instruction (AVX512-BF16: on 2 Intel cores ~1.5-2x
+  the rate of inductor's loop and of oneDNN's bf16 products); where the kernel cannot be built, the bf16 linears
+  stay matmuls and inductor's freezing pre-packs the weights for oneDNN.
 - the rotary cos/sin of every position computed once (eager, float32, as the module computes them) and looked up
   in the compiled step: computed inside it, inductor fused them into the attention-score reduction and
   recomputed them for every cached key (2 CPUs, batch 8: attention 1.1 ms per layer, 0.65 ms with the table);
@@ -150,9 +152,10 @@ class FastDecoder:
         batch_size: the batch size every :meth:`generate` call will use (the cache and the graph are built for it).
         max_length: prompt + new tokens the cache holds.
         dtype: weights and cache dtype; default bf16 where the device computes it natively (:func:`native_bf16`),
-            else fp32 (whose tokens equal stock fp32 ``generate()``'s). bf16 on a CPU without bf16 arithmetic
-            halves the weights' memory and runs faster than fp32 there: its step's products at batch 2-16 go to
-            :mod:`cpu_linear`'s bf16 kernel, its prefill computes in fp32 with SDPA attention.
+            else fp32 (whose tokens equal stock fp32 ``generate()``'s). In bf16 the step's products at batch 2-16
+            go to :mod:`cpu_linear`'s bf16 kernel (at batch 1 too on CPUs with AVX512-BF16, where it uses the bf16
+            dot-product instruction). bf16 on a CPU without bf16 arithmetic halves the weights' memory and runs
+            faster than fp32 there; its prefill computes in fp32 with SDPA attention.
         compile: ``False`` runs the same static-cache loop eagerly (for comparison and debugging).
         attn_implementation: the attention the steps run; default on CPU ``cpu_attention``'s one-row kernel
             (``"llama_hf_decode"``) where it builds, else ``"eager"`` (fused by inductor), on CUDA the model's
@@ -230,10 +233,13 @@ class FastDecoder:
         self._rotary: list[nn.Module] = []  # rotary modules whose cos/sin table the compiled steps look up
         emulated_bf16 = dtype == torch.bfloat16 and not native_bf16(self.device)  # CPUs without bf16 arithmetic
         if not self.cuda:
-            if batch_size == 1:
+            # bf16 through the kernel's dot-product form (AVX512-BF16) at every batch; else inductor's own loop
+            # at batch 1 (measured faster than the kernel's one-row form on Zen 3, fp32 and widened bf16)
+            bf16_dot = dtype == torch.bfloat16 and cpu_linear.available(dtype) and cpu_linear.forms().get("bf16_dot")
+            if batch_size == 1 and not bf16_dot:
                 linear_forward = _gemv_linear_forward
             elif (
-                (dtype == torch.float32 or emulated_bf16)
+                dtype in (torch.float32, torch.bfloat16)
                 and batch_size <= cpu_linear.MAX_ROWS
                 and cpu_linear.available(dtype)
             ):

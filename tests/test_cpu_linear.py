@@ -231,9 +231,16 @@ def test_generate_on_cpu_through_the_kernel_gives_stock_greedy_tokens():
 def test_small_batch_linear_module_falls_back_where_the_kernel_does_not_apply():
     g = torch.Generator().manual_seed(6)
     lin = cpu_linear.SmallBatchLinear(40, 24, bias=True)
-    x = torch.randn(3, 40, generator=g)
+    x = torch.randn(5, 40, generator=g)  # 5 rows: the kernel's on every CPU (eager_rows)
     with torch.no_grad():
         assert _op_calls(lambda: lin(x)) == 1
+        # the row counts eager_rows names, and only those, take the kernel (fp32 and bf16)
+        for dtype in (torch.float32, torch.bfloat16):
+            rows = cpu_linear.eager_rows(dtype)
+            assert 5 in rows and set(rows) <= set(range(1, cpu_linear.MAX_ROWS + 1))
+            typed = cpu_linear.SmallBatchLinear(40, 24, bias=False).to(dtype)
+            for r in range(1, cpu_linear.MAX_ROWS + 2):
+                assert _op_calls(lambda: typed(torch.randn(r, 40, generator=g).to(dtype))) == (r in rows), (dtype, r)
         torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
         assert _op_calls(lambda: lin(x[0])) == 0  # one 1-D row: F.linear
         half = cpu_linear.SmallBatchLinear(40, 24, bias=False).half()

@@ -143,25 +143,62 @@ def test_fast_decode_takes_a_stock_transformers_model():
 
 @pytest.mark.parametrize("native", [True, False])
 def test_compiled_bf16_batch_picks_the_bf16_argmax(monkeypatch, native):
-    """bf16 at batch 3: frozen matmuls where the CPU computes bf16 natively; elsewhere cpu_linear's bf16 kernel in
-    the step and fp32 products (upcast) with SDPA in the prefill. Each token is the bf16 model's argmax."""
+    """bf16 at batch 3: cpu_linear's bf16 kernel in the step wherever it builds (frozen oneDNN matmuls where it does
+    not); where the CPU lacks bf16 arithmetic, fp32 products (upcast) with SDPA in the prefill. Each token is the
+    bf16 model's argmax."""
     import modeling_llama.fast_decode as fd
 
     monkeypatch.setattr(fd, "native_bf16", lambda device: native)
-    kernel = not native and fd.cpu_linear.available(torch.bfloat16)
+    kernel = fd.cpu_linear.available(torch.bfloat16)
     ours, stock = twin_models(seed=8)
     users_attn = ours.config._attn_implementation
     torch._dynamo.reset()
     dec = FastDecoder(ours, batch_size=3, max_length=PROMPT + NEW, dtype=torch.bfloat16)
-    assert dec._prefill_attn == (None if native else "sdpa") and dec._prefill_wxt is kernel
+    assert dec._prefill_attn == (None if native else "sdpa") and dec._prefill_wxt is (kernel and not native)
     prompt = torch.randint(3, 512, (3, PROMPT), generator=torch.Generator().manual_seed(8))
     out = dec.generate(prompt, NEW)
     assert chosen_gap(stock.to(torch.bfloat16), prompt, out) <= 0.02
     assert ours.config._attn_implementation == users_attn  # the prefill's SDPA and the step's attention undone
     calls = op_calls(lambda: dec.generate(prompt, 3), "llama_hf::small_batch_linear")
-    # the compiled steps call the kernel where bf16 is emulated; with frozen weights only the eager prefill's LM head
-    # (3 rows of logits, our SmallBatchLinear's inference form) may
+    # the compiled steps call the kernel where it builds; with frozen weights only the eager prefill's LM head (3
+    # rows of logits, our SmallBatchLinear's inference form) may
     assert (calls > 1) == kernel, calls
+
+
+@pytest.mark.parametrize("dot", [True, False])
+def test_bf16_batch_1_takes_the_kernel_where_it_has_bf16_dot_products(monkeypatch, dot):
+    """bf16 at batch 1: cpu_linear's kernel where its bf16 form is the CPU's dot-product instruction (AVX512-BF16),
+    else inductor's multiply-and-sum loop. Either way each token is the bf16 model's argmax. (Where this CPU has no
+    such instruction, ``dot=True`` runs the kernel's widening form: the choice is what is tested then.)"""
+    import modeling_llama.fast_decode as fd
+
+    if not fd.cpu_linear.available(torch.bfloat16):
+        pytest.skip("no C compiler built the kernel")
+    monkeypatch.setattr(fd.cpu_linear, "forms", lambda: {"bf16_dot": dot, "prefetch": "nta"})
+    ours, stock = twin_models(seed=9)
+    torch._dynamo.reset()
+    dec = FastDecoder(ours, batch_size=1, max_length=PROMPT + NEW, dtype=torch.bfloat16)
+    prompt = torch.randint(3, 512, (1, PROMPT), generator=torch.Generator().manual_seed(9))
+    out = dec.generate(prompt, NEW)
+    assert chosen_gap(stock.to(torch.bfloat16), prompt, out) <= 0.02
+    calls = op_calls(lambda: dec.generate(prompt, 3), "llama_hf::small_batch_linear")
+    assert (calls > 1) == dot, calls  # (the eager prefill's one-row LM head is one call either way)
+
+
+def test_bf16_without_the_kernel_freezes_the_weights(monkeypatch):
+    """Where the kernel does not build, bf16 steps at batch 3 run frozen oneDNN matmuls over the whole cache."""
+    import modeling_llama.fast_decode as fd
+
+    monkeypatch.setattr(fd, "native_bf16", lambda device: True)
+    monkeypatch.setattr(fd.cpu_linear, "available", lambda dtype=torch.float32: False)
+    ours, stock = twin_models(seed=10)
+    torch._dynamo.reset()
+    dec = FastDecoder(ours, batch_size=3, max_length=PROMPT + NEW, dtype=torch.bfloat16)
+    assert dec._compile_kwargs["options"] == {"freezing": True} and dec.buckets == (PROMPT + NEW,)
+    assert dec.huge_page_bytes == 0  # (inductor copies frozen weights: nothing to move)
+    prompt = torch.randint(3, 512, (3, PROMPT), generator=torch.Generator().manual_seed(10))
+    out = dec.generate(prompt, NEW)
+    assert chosen_gap(stock.to(torch.bfloat16), prompt, out) <= 0.02
 
 
 @pytest.mark.parametrize("native", [True, False])
