@@ -3,6 +3,7 @@ float64 products and F.linear. Its speed is shown in benchmarks/ (bench_cpu's de
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 
@@ -240,7 +241,8 @@ def test_small_batch_linear_module_falls_back_where_the_kernel_does_not_apply():
             assert 5 in rows and set(rows) <= set(range(1, cpu_linear.MAX_ROWS + 1))
             typed = cpu_linear.SmallBatchLinear(40, 24, bias=False).to(dtype)
             for r in range(1, cpu_linear.MAX_ROWS + 2):
-                assert _op_calls(lambda: typed(torch.randn(r, 40, generator=g).to(dtype))) == (r in rows), (dtype, r)
+                xr = torch.randn(r, 40, generator=g).to(dtype)
+                assert _op_calls(functools.partial(typed, xr)) == (r in rows), (dtype, r)
         torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
         assert _op_calls(lambda: lin(x[0])) == 0  # one 1-D row: F.linear
         half = cpu_linear.SmallBatchLinear(40, 24, bias=False).half()
