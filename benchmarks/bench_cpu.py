@@ -279,7 +279,8 @@ def _kernel_share(step) -> float:
 def linear_rate(weight_bytes: int, dtype: torch.dtype, rows: int = 1, kernel: bool = False, repeats: int = 5) -> float:
     """Bytes/s at which one product of ``rows`` rows by a weight matrix of ``weight_bytes`` in ``dtype`` (out of
     cache) streams the weight: ``F.linear`` (the kernel stock and eager decoding run), or with ``kernel`` our
-    :func:`modeling_llama.cpu_linear.small_batch_linear` (what the fast path calls at batch 2-16 in fp32)."""
+    :func:`modeling_llama.cpu_linear.small_batch_linear` (what the fast path calls at batch 2-16, and at batch 1 in
+    bf16 where the kernel has the bf16 dot-product form)."""
     from modeling_llama import cpu_linear
 
     cols = 4096
@@ -365,7 +366,7 @@ def bench_decode(
         weight_bytes = streamed * dec.dtype.itemsize
         row["linear_gemv_GBps"] = linear_rate(weight_bytes, dec.dtype) / 1e9  # one row
         row["linear_rows_GBps"] = linear_rate(weight_bytes, dec.dtype, batch) / 1e9  # the step's rows
-        if dec.dtype == torch.float32 and cpu_linear.available():
+        if dec.dtype in (torch.float32, torch.bfloat16) and cpu_linear.available(dec.dtype):
             row["cpu_linear_rows_GBps"] = linear_rate(weight_bytes, dec.dtype, batch, kernel=True) / 1e9
         del dec
         gc.collect()
@@ -548,12 +549,21 @@ def _md_table(header: str, rows: list[dict], fmt) -> list[str]:
     return [header, "|" + "---|" * (header.count("|") - 1), *map(fmt, rows), ""]
 
 
+def _forms_text(forms: dict | None) -> str:
+    if forms is None:
+        return "?"
+    if not forms:
+        return "not built"
+    bf16 = "bf16 dot products" if forms.get("bf16_dot") else "bf16 widened to fp32"
+    return f"{bf16}, prefetch {forms.get('prefetch', '?')}"
+
+
 def to_markdown(meta: dict, results: dict) -> str:
     lines = [
         f"CPU benchmarks ({meta['date']}, {meta['machine']}, {meta['cpus']} CPUs, torch {meta['torch']}, "
         f"transformers {meta['transformers']}; {meta.get('cpu_model', '?')} family/model "
         f"{meta.get('cpu_family_model', '?')}, {', '.join(meta.get('cpu_isa', []))}; torch kernels "
-        f"{meta.get('cpu_capability', '?')})",
+        f"{meta.get('cpu_capability', '?')}; cpu_linear {_forms_text(meta.get('cpu_linear_forms'))})",
         "",
     ]
     if results.get("train"):
@@ -696,6 +706,10 @@ def _cpu_info() -> dict:
     info["cpu_family_model"] = f"{fields.get('cpu family', '?')}/{fields.get('model', '?')}"
     flags = set(fields.get("flags", "").split())
     info["cpu_isa"] = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    info["cpu_vendor"] = fields.get("vendor_id", "?")
+    from modeling_llama import cpu_linear
+
+    info["cpu_linear_forms"] = cpu_linear.forms()  # the kernel's bf16 form and prefetch hint on this CPU
     return info
 
 

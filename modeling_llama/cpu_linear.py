@@ -576,11 +576,11 @@ class SmallBatchLinear(nn.Linear):
             and x.device.type == "cpu"
             and x.dim() >= 2
             and x.shape[-1] > 0
-            and x.numel() // x.shape[-1] in eager_rows(w.dtype)
             and type(w) in (nn.Parameter, torch.Tensor)
             and w.dtype == x.dtype
             and w.is_contiguous()
-            and not torch.compiler.is_compiling()
+            and not torch.compiler.is_compiling()  # (before eager_rows: its first call reads /proc/cpuinfo)
+            and x.numel() // x.shape[-1] in eager_rows(w.dtype)
         ):
             y = torch.ops.llama_hf.small_batch_linear(x, w)
             return y if self.bias is None else y + self.bias
