@@ -504,6 +504,7 @@ def _tokenizer_rows(repeats: int, threads: int) -> list[dict]:
     import sentencepiece as spm
 
     from modeling_llama import LlamaTokenizer, LlamaTokenizerFast
+    from modeling_llama.tokenization_llama_fast import encode_batch_ids
 
     with lzma.open(REPO / "training/data/shakespeare.jsonl.xz", "rt") as f:
         docs = [json.loads(line)["text"] for line in f]
@@ -512,8 +513,10 @@ def _tokenizer_rows(repeats: int, threads: int) -> list[dict]:
     sp = spm.SentencePieceProcessor(model_file=model)
     fast = LlamaTokenizerFast(vocab_file=model)
     reference = sp.encode(docs, num_threads=1)
+    backend = fast.backend_tokenizer
     runs = {
         "sentencepiece": lambda: sp.encode(docs, num_threads=threads),
+        "ours fast (`encode_batch_ids`, what `training/` uses)": lambda: encode_batch_ids(backend, docs),
         "ours fast (`encode_batch_fast`)": lambda: [
             e.ids for e in fast.backend_tokenizer.encode_batch_fast(docs, add_special_tokens=False)
         ],

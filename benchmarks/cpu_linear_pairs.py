@@ -11,6 +11,9 @@ ms per sequence (median of rounds) and GB/s of weights.
 
 With ``--against REV`` it compares the kernel's source at git revision ``REV`` (``modeling_llama/cpu_linear.py``
 there) with this tree's instead, both with their own defaults, and writes ``cpu_linear_against_<REV>.{json,md}``.
+Every build gets the flags the module adds for this CPU's vendor (the prefetch hint: ``cpu_linear._vendor_defines``;
+a source that predates them ignores them). ``--dtype bfloat16`` times the bf16 entry (bf16 weights; the suffix
+``_bf16`` on the file names), ``--torch`` adds torch's ``F.linear`` on the same weights as a column.
 """
 
 from __future__ import annotations
@@ -62,41 +65,53 @@ def _source_at(rev: str) -> str:
     raise SystemExit(f"modeling_llama/cpu_linear.py at {rev!r} has no _SOURCE")
 
 
-def _build(builds: dict[str, tuple[str, list[str]]]) -> dict:
-    """name -> (C source, extra flags): each compiled (cached like the module's kernel), its entry by name."""
+def _build(builds: dict[str, tuple[str, list[str]]], dtype: torch.dtype = torch.float32) -> dict:
+    """name -> (C source, extra flags): each compiled (cached like the module's kernel), its entry for weights of
+    ``dtype`` by name."""
     fns = {}
+    entry = "llama_small_batch_linear" + ("_bf16" if dtype == torch.bfloat16 else "")
     for name, (source, defines) in builds.items():
         stem = "llama_small_batch_linear_bench"
-        lib = native_build.build(stem, source, ".c", native_build.c_compilers(), [cpu_linear._FLAGS + defines])
+        flags = cpu_linear._FLAGS + cpu_linear._vendor_defines() + defines
+        lib = native_build.build(stem, source, ".c", native_build.c_compilers(), [flags])
         if lib is None:
             raise SystemExit("no C compiler ($CC, cc, gcc, clang) built the kernel: nothing to compare")
-        fn = ctypes.CDLL(str(lib)).llama_small_batch_linear
+        fn = getattr(ctypes.CDLL(str(lib)), entry)
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
         fn.argtypes = [ptr, i64, ptr, i64, i64, ptr]  # x, M, w, N, K, y
         fns[name] = fn
     return fns
 
 
-def bench(fns: dict, shapes: list[tuple[int, int]], rows: int, rounds: int) -> dict:
+def bench(fns: dict, shapes: list[tuple[int, int]], rows: int, rounds: int, dtype: torch.dtype = torch.float32) -> dict:
     g = torch.Generator().manual_seed(rows)
-    ws = [torch.randn(n, k, generator=g) * 0.02 for n, k in shapes]
-    nbytes = sum(w.numel() * 4 for w in ws)
-    xs = {k: torch.randn(rows, k, generator=g) for k in {k for _, k in shapes}}
+    ws = [(torch.randn(n, k, generator=g) * 0.02).to(dtype) for n, k in shapes]
+    nbytes = sum(w.numel() * w.element_size() for w in ws)
+    # bf16 entry: float32 rows holding bf16 values (what the op hands it)
+    xs = {k: torch.randn(rows, k, generator=g).to(dtype).float() for k in {k for _, k in shapes}}
     ys = {n: torch.empty(rows, n) for n in {n for n, _ in shapes}}
+    xt = {k: x.to(dtype) for k, x in xs.items()}
+    tol = 1e-4 if dtype == torch.float32 else 1e-3
     for name, fn in fns.items():
+        if fn is None:
+            continue
         for w in ws[:8]:
             n, k = w.shape
             fn(xs[k].data_ptr(), rows, w.data_ptr(), n, k, ys[n].data_ptr())
-            torch.testing.assert_close(ys[n], xs[k] @ w.T, rtol=1e-4, atol=1e-4, msg=name)
+            torch.testing.assert_close(ys[n], xs[k] @ w.float().T, rtol=tol, atol=tol, msg=name)
     times = {name: [] for name in fns}
     names = list(fns)
     for r in range(rounds):
         for name in names[r % len(names) :] + names[: r % len(names)]:
             fn = fns[name]
             t = time.perf_counter()
-            for w in ws:
-                n, k = w.shape
-                fn(xs[k].data_ptr(), rows, w.data_ptr(), n, k, ys[n].data_ptr())
+            if fn is None:  # torch's F.linear on the same weights, x in their dtype
+                for w in ws:
+                    torch.nn.functional.linear(xt[w.shape[1]], w)
+            else:
+                for w in ws:
+                    n, k = w.shape
+                    fn(xs[k].data_ptr(), rows, w.data_ptr(), n, k, ys[n].data_ptr())
             times[name].append((time.perf_counter() - t) * 1e3)
     ms = {name: statistics.median(v) for name, v in times.items()}
     return {
@@ -114,7 +129,10 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--out", default="benchmarks/results/cpu-avx2", help="folder for the .json and .md")
     p.add_argument("--against", metavar="REV", help="compare the kernel at this git revision with this tree's")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="the weights' dtype")
+    p.add_argument("--torch", action="store_true", help="add torch's F.linear on the same weights as a column")
     args = p.parse_args()
+    dtype = getattr(torch, args.dtype)
     if args.against:
         builds = {args.against: (_source_at(args.against), []), "this tree": (cpu_linear._SOURCE, [])}
         stem = "cpu_linear_against_" + "".join(c if c.isalnum() else "_" for c in args.against)
@@ -123,14 +141,18 @@ def main() -> int:
             name: (cpu_linear._SOURCE, [] if k is None else [f"-DPAIR_MIN_K={k}LL"]) for name, k in BUILDS.items()
         }
         stem = "cpu_linear_pairs"
-    fns = _build(builds)
+    if dtype == torch.bfloat16:
+        stem += "_bf16"
+    fns = _build(builds, dtype)
+    if args.torch:
+        fns["F.linear"] = None
     results = []
     for label, shapes in _sequences().items():
         for rows in args.rows:
-            row = {"sequence": label, **bench(fns, shapes, rows, args.rounds)}
+            row = {"sequence": label, **bench(fns, shapes, rows, args.rounds, dtype)}
             results.append(row)
             print(label, rows, row["GBps"], flush=True)
-    names = list(builds)
+    names = list(fns)
     first = names[0]
     md = (
         "| products | rows | MB | " + " | ".join(f"{n} GB/s" for n in names) + " | "
@@ -143,7 +165,7 @@ def main() -> int:
             + " | ".join(f"{ms[first] / ms[n]:.3f}x" for n in names[1:]) + " |\n"
         )  # fmt: skip
     md += f"\n(x: speed relative to {first}, from the medians of {args.rounds} alternating rounds.)\n"
-    meta = run_meta(rounds=args.rounds, threads=torch.get_num_threads(), builds=names)
+    meta = run_meta(rounds=args.rounds, threads=torch.get_num_threads(), builds=names, dtype=args.dtype)
     write_results(args.out, stem, {"meta": meta, "rows": results}, md)
     return 0
 

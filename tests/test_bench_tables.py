@@ -8,6 +8,7 @@ import importlib.util
 import json
 
 import pytest
+import torch
 from conftest import REPO_ROOT
 
 RESULTS = REPO_ROOT / "benchmarks" / "results" / "cpu-avx2"
@@ -81,6 +82,22 @@ def test_kernel_source_at_a_git_revision():
     assert pairs._source_at("HEAD") == cpu_linear._SOURCE
     with pytest.raises(SystemExit, match="no-such-revision"):
         pairs._source_at("no-such-revision")
+
+
+def test_kernel_comparison_runs_bf16_and_torch_columns():
+    """``cpu_linear_pairs.py``'s timing loop on small shapes: the bf16 entry (its output checked against float
+    products inside ``bench``) and torch's ``F.linear`` column, each with a time per round."""
+    import shutil
+
+    if not any(shutil.which(c) for c in ("cc", "gcc", "clang")):
+        pytest.skip("no C compiler")
+    pairs = bench_script("cpu_linear_pairs")
+    from modeling_llama import cpu_linear
+
+    fns = {**pairs._build({"this tree": (cpu_linear._SOURCE, [])}, torch.bfloat16), "F.linear": None}
+    row = pairs.bench(fns, [(64, 40), (96, 72)], rows=3, rounds=2, dtype=torch.bfloat16)
+    assert row["rows"] == 3 and set(row["ms"]) == {"this tree", "F.linear"}
+    assert all(len(v) == 2 and min(v) >= 0 for v in row["ms_rounds"].values())
 
 
 def test_c_harness_builds_with_the_documented_command(tmp_path):

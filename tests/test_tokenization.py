@@ -181,3 +181,75 @@ def test_missing_or_bad_tokenizer_files_fail_clearly(tmp_path):
     bad.write_bytes(b"this is not a sentencepiece model")
     with pytest.raises(ValueError, match="not a SentencePiece model"):
         LlamaTokenizerFast(vocab_file=str(bad))
+
+
+def _shakespeare(n: int) -> list[str]:
+    import lzma
+
+    path = Path(__file__).resolve().parent.parent / "training" / "data" / "shakespeare.jsonl.xz"
+    with lzma.open(path, "rt") as f:
+        return [json.loads(line)["text"] for line, _ in zip(f, range(n))]
+
+
+def _clean_ids(backend, texts: list[str]) -> list[list[int]]:
+    """The backend's own batch ids, from a copy without padding or truncation (other tests pad the shared one)."""
+    from tokenizers import Tokenizer
+
+    clean = Tokenizer.from_str(backend.to_str())
+    clean.no_padding()
+    clean.no_truncation()
+    return [e.ids for e in clean.encode_batch_fast(texts, add_special_tokens=False)]
+
+
+def test_encode_batch_ids_gives_the_backends_ids(real, trained):
+    """encode_batch_ids (what training/ encodes corpora with) does the LLaMA normalizer's two steps in Python and
+    the rest in a normalizer-free copy: the same ids as the backend's own batch encoder on every text (empty,
+    whitespace, literal special tokens, newlines), and sentencepiece's on real documents."""
+    from tokenizers import Tokenizer, normalizers
+
+    from modeling_llama.tokenization_llama_fast import _copies, encode_batch_ids
+
+    docs = _shakespeare(4) + CASES
+    for sp, _, fast in (real, trained):
+        backend = fast.backend_tokenizer
+        assert encode_batch_ids(backend, docs) == _clean_ids(backend, docs)
+        assert encode_batch_ids(backend, docs[:4]) == sp.encode(docs[:4])  # (no literal specials in them)
+    assert _copies(real[2].backend_tokenizer)[1] is not None  # the real tokenizer takes the Python path
+    # any other normalizer: the backend's own path, the same ids
+    other = Tokenizer.from_str(real[2].backend_tokenizer.to_str())
+    other.normalizer = normalizers.Sequence([normalizers.Lowercase(), other.normalizer])
+    assert _copies(other)[1] is None
+    assert encode_batch_ids(other, docs) == _clean_ids(other, docs)
+
+
+def test_encode_batch_ids_follows_the_backend_and_never_pads(real_tokenizer_path):
+    """A corpus is never padded or truncated, whatever the tokenizer was last called with; tokens added after a
+    first call, or a normalizer changed in place, are seen by the next one."""
+    from tokenizers import AddedToken, normalizers
+
+    from modeling_llama.tokenization_llama_fast import encode_batch_ids
+
+    tok = LlamaTokenizerFast(vocab_file=real_tokenizer_path)
+    backend = tok.backend_tokenizer
+    texts = ["a short one", "and a much longer text than the first one here", ""]
+    before = encode_batch_ids(backend, texts)
+    tok(texts, padding=True, truncation=True, max_length=4)  # leaves padding/truncation set on the backend
+    assert (
+        encode_batch_ids(backend, texts)
+        == before
+        == spm.SentencePieceProcessor(model_file=real_tokenizer_path).encode(texts)
+    )
+    backend.add_tokens([AddedToken("much longer", normalized=False)])
+    added = encode_batch_ids(backend, texts)
+    assert backend.token_to_id("much longer") in added[1] and added[0] == before[0]
+    backend.normalizer = normalizers.Sequence([normalizers.Lowercase(), backend.normalizer])
+    assert encode_batch_ids(backend, ["ABC"]) == encode_batch_ids(backend, ["abc"])
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(texts=st.lists(st.one_of(text_strategy, tricky_strategy), max_size=6))
+def test_property_encode_batch_ids_gives_the_backends_ids(real, texts):
+    from modeling_llama.tokenization_llama_fast import encode_batch_ids
+
+    backend = real[2].backend_tokenizer
+    assert encode_batch_ids(backend, texts) == _clean_ids(backend, texts)

@@ -33,6 +33,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from modeling_llama.tokenization_llama_fast import encode_batch_ids
+
 __all__ = [
     "DataError",
     "EMBEDDED_CORPORA",
@@ -159,10 +161,9 @@ def _input_id(spec: str) -> str:
 def _encode_documents(backend, docs: list[str], bos: int, eos: int) -> np.ndarray:
     """``[BOS] + ids + [EOS]`` for every document, concatenated (the Rust encoder runs on all cores)."""
     flat: list[int] = []
-    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)  # no offsets needed
-    for enc in encode(docs, add_special_tokens=False):
+    for ids in encode_batch_ids(backend, docs):  # (no offsets; the LLaMA normalizer's steps done in Python)
         flat.append(bos)
-        flat.extend(enc.ids)
+        flat.extend(ids)
         flat.append(eos)
     return np.asarray(flat, dtype=np.int64)
 
