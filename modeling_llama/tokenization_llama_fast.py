@@ -146,6 +146,7 @@ def _state_key(backend: Tokenizer) -> tuple:
         None if pre is None else pre.__getstate__(),
         added,
         backend.get_vocab_size(with_added_tokens=True),
+        getattr(backend, "encode_special_tokens", None),  # (not serialised by to_str: copied by hand)
     )
 
 
@@ -166,6 +167,8 @@ def _copies(backend: Tokenizer) -> tuple[Tokenizer, Tokenizer | None, tuple[str,
             if tok is not None:
                 tok.no_padding()
                 tok.no_truncation()
+                if key[4] is not None:  # literal special tokens as text (our tokenizers' default) or not
+                    tok.encode_special_tokens = key[4]
         if len(_COPIES) >= 8:  # (a few tokenizers per process at most; keep the cache small)
             _COPIES.clear()
         entry = _COPIES[id(backend)] = (backend, key, plain, bare, key[2])
