@@ -48,7 +48,7 @@ from torch import nn
 
 # (`from .x import`: the form transformers follows to copy a model's files for trust_remote_code)
 from .native_build import build as _build
-from .native_build import c_compilers, cxx_compilers, define_op, disabled, torch_flags
+from .native_build import c_compilers, cpu_signature, cxx_compilers, define_op, disabled, torch_flags
 
 __all__ = [
     "small_batch_linear",
@@ -374,9 +374,8 @@ def library_path() -> Path | None:
     return _build("llama_small_batch_linear", _SOURCE, ".c", c_compilers(), flag_sets)
 
 
+@functools.cache
 def _intel() -> bool:
-    from .native_build import cpu_signature
-
     return "GenuineIntel" in cpu_signature()
 
 
@@ -392,11 +391,10 @@ def forms() -> dict:
     """What this machine's build of the kernel does (empty where there is none): ``bf16_dot``, bf16 weights
     multiplied by the CPU's bf16 dot-product instruction (AVX512-BF16) rather than widened to float32 for FMAs;
     ``prefetch``, the hint of its software prefetch (``"t0"`` on Intel, ``"nta"`` elsewhere)."""
-    path = library_path() if not disabled(ENV_VAR) else None
-    if path is None:
+    if not _kernels():  # (off, not built, or not loadable: no forms)
         return {}
     try:
-        bits = ctypes.CDLL(str(path)).llama_small_batch_linear_forms()
+        bits = ctypes.CDLL(str(library_path())).llama_small_batch_linear_forms()
     except (OSError, AttributeError):
         return {}
     return {"bf16_dot": bool(bits & 1), "prefetch": "t0" if bits & 2 else "nta"}

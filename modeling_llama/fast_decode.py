@@ -235,7 +235,7 @@ class FastDecoder:
         if not self.cuda:
             # bf16 through the kernel's dot-product form (AVX512-BF16) at every batch; else inductor's own loop
             # at batch 1 (measured faster than the kernel's one-row form on Zen 3, fp32 and widened bf16)
-            bf16_dot = dtype == torch.bfloat16 and cpu_linear.available(dtype) and cpu_linear.forms().get("bf16_dot")
+            bf16_dot = dtype == torch.bfloat16 and cpu_linear.forms().get("bf16_dot", False)  # ({} without a kernel)
             if batch_size == 1 and not bf16_dot:
                 linear_forward = _gemv_linear_forward
             elif (

@@ -134,7 +134,7 @@ _PREFIX_AND_SPACES = {
         {"type": "Replace", "pattern": {"String": " "}, "content": SPIECE_UNDERLINE},
     ],
 }
-_COPIES: dict[int, tuple] = {}  # id(backend) -> (backend, its state key, plain copy, bare copy or None, added)
+_COPIES: dict[int, tuple] = {}  # id(backend) -> (backend, its _state_key, plain copy, bare copy or None)
 
 
 def _state_key(backend: Tokenizer) -> tuple:
@@ -155,24 +155,25 @@ def _copies(backend: Tokenizer) -> tuple[Tokenizer, Tokenizer | None, tuple[str,
     normalizer is :data:`_PREFIX_AND_SPACES` (else ``None``); and the contents of its added tokens. Rebuilt when
     the backend's normalizer, pre-tokenizer or added tokens changed since."""
     key = _state_key(backend)
+    normalizer, _, added, _, special_as_text = key
     entry = _COPIES.get(id(backend))
     if entry is None or entry[0] is not backend or entry[1] != key:
         text = backend.to_str()
         plain = Tokenizer.from_str(text)
         bare = None
-        if json.loads(text).get("normalizer") == _PREFIX_AND_SPACES:
+        if normalizer is not None and json.loads(normalizer) == _PREFIX_AND_SPACES:
             bare = Tokenizer.from_str(text)
             bare.normalizer = None
         for tok in (plain, bare):
             if tok is not None:
                 tok.no_padding()
                 tok.no_truncation()
-                if key[4] is not None:  # literal special tokens as text (our tokenizers' default) or not
-                    tok.encode_special_tokens = key[4]
+                if special_as_text is not None:  # literal special tokens as text (our tokenizers' default) or not
+                    tok.encode_special_tokens = special_as_text
         if len(_COPIES) >= 8:  # (a few tokenizers per process at most; keep the cache small)
             _COPIES.clear()
-        entry = _COPIES[id(backend)] = (backend, key, plain, bare, key[2])
-    return entry[2], entry[3], entry[4]
+        entry = _COPIES[id(backend)] = (backend, key, plain, bare)
+    return entry[2], entry[3], added
 
 
 def encode_batch_ids(backend: Tokenizer, texts: list[str]) -> list[list[int]]:
@@ -189,16 +190,16 @@ def encode_batch_ids(backend: Tokenizer, texts: list[str]) -> list[list[int]]:
         fn = getattr(tok, "encode_batch_fast", tok.encode_batch)  # (tokenizers >= 0.21 has the fast one)
         return [e.ids for e in fn(batch, add_special_tokens=False)]
 
-    plain_tok, bare, added = _copies(backend)
+    plain, bare, added = _copies(backend)
     if bare is None:
-        return encode(plain_tok, texts)
-    plain = [any(a in t for a in added) for t in texts]
-    pre = [SPIECE_UNDERLINE + t.replace(" ", SPIECE_UNDERLINE) if t else t for t, p in zip(texts, plain) if not p]
+        return encode(plain, texts)
+    holds_added = [any(a in t for a in added) for t in texts]
+    pre = [SPIECE_UNDERLINE + t.replace(" ", SPIECE_UNDERLINE) if t else t for t, h in zip(texts, holds_added) if not h]
     ids = encode(bare, pre)
-    if not any(plain):
+    if not any(holds_added):
         return ids
-    rest, done = iter(encode(plain_tok, [t for t, p in zip(texts, plain) if p])), iter(ids)
-    return [next(rest) if p else next(done) for p in plain]
+    rest, done = iter(encode(plain, [t for t, h in zip(texts, holds_added) if h])), iter(ids)
+    return [next(rest) if h else next(done) for h in holds_added]
 
 
 class LlamaTokenizerFast(TokenizersBackend):
