@@ -20,6 +20,7 @@ ratios, not absolute numbers). Writes benchmarks/results/cpu.{json,md}.
 from __future__ import annotations
 
 import argparse
+import ast
 import copy
 import gc
 import json
@@ -27,6 +28,7 @@ import lzma
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -728,6 +730,22 @@ def write_results(out: str | Path, stem: str, result: dict, md: str) -> None:
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
     (out / f"{stem}.md").write_text(md)
     print(md)
+
+
+def source_at(rev: str, path: str) -> str:
+    """A kernel's source (the ``_SOURCE`` string of the module at ``path``, e.g. ``modeling_llama/cpu_linear.py``) at
+    git revision ``rev``: what ``--against REV`` of the kernel benchmarks builds beside this tree's."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        text = subprocess.run(
+            ["git", "show", f"{rev}:{path}"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout
+    except (OSError, subprocess.CalledProcessError) as e:
+        raise SystemExit(f"cannot read {path} at {rev!r} with git: {e}") from None
+    for node in ast.parse(text).body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "_SOURCE" for t in node.targets):
+            return ast.literal_eval(node.value)
+    raise SystemExit(f"{path} at {rev!r} has no _SOURCE")
 
 
 def main() -> int:

@@ -19,10 +19,8 @@ a source that predates them ignores them). ``--dtype bfloat16`` times the bf16 e
 from __future__ import annotations
 
 import argparse
-import ast
 import ctypes
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from bench_cpu import run_meta, write_results  # noqa: E402
+from bench_cpu import run_meta, source_at, write_results  # noqa: E402
 
 from modeling_llama import cpu_linear, native_build  # noqa: E402
 
@@ -50,21 +48,6 @@ def _sequences() -> dict[str, list[tuple[int, int]]]:
     }
 
 
-def _source_at(rev: str) -> str:
-    """The kernel's C source (``_SOURCE`` of ``modeling_llama/cpu_linear.py``) at git revision ``rev``."""
-    root = Path(__file__).resolve().parent.parent
-    try:
-        text = subprocess.run(
-            ["git", "show", f"{rev}:modeling_llama/cpu_linear.py"], cwd=root, capture_output=True, text=True, check=True
-        ).stdout
-    except (OSError, subprocess.CalledProcessError) as e:
-        raise SystemExit(f"cannot read modeling_llama/cpu_linear.py at {rev!r} with git: {e}") from None
-    for node in ast.parse(text).body:
-        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "_SOURCE" for t in node.targets):
-            return ast.literal_eval(node.value)
-    raise SystemExit(f"modeling_llama/cpu_linear.py at {rev!r} has no _SOURCE")
-
-
 def _build(builds: dict[str, tuple[str, list[str]]], dtype: torch.dtype = torch.float32) -> dict:
     """name -> (C source, extra flags): each compiled (cached like the module's kernel), its entry for weights of
     ``dtype`` by name."""
@@ -76,9 +59,12 @@ def _build(builds: dict[str, tuple[str, list[str]]], dtype: torch.dtype = torch.
         lib = native_build.build(stem, source, ".c", native_build.c_compilers(), [flags])
         if lib is None:
             raise SystemExit("no C compiler ($CC, cc, gcc, clang) built the kernel: nothing to compare")
-        fn = getattr(ctypes.CDLL(str(lib)), entry)
+        so = ctypes.CDLL(str(lib))
+        fn = getattr(so, entry)
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
         fn.argtypes = [ptr, i64, ptr, i64, i64, ptr]  # x, M, w, N, K, y
+        # the bf16 entry's rows and output: bf16 since 2026-12-01 (llama_small_batch_linear_bf16_io), float32 before
+        fn.bf16_io = dtype == torch.bfloat16 and hasattr(so, "llama_small_batch_linear_bf16_io")
         fns[name] = fn
     return fns
 
@@ -87,18 +73,21 @@ def bench(fns: dict, shapes: list[tuple[int, int]], rows: int, rounds: int, dtyp
     g = torch.Generator().manual_seed(rows)
     ws = [(torch.randn(n, k, generator=g) * 0.02).to(dtype) for n, k in shapes]
     nbytes = sum(w.numel() * w.element_size() for w in ws)
-    # bf16 entry: float32 rows holding bf16 values (what the op hands it)
-    xs = {k: torch.randn(rows, k, generator=g).to(dtype).float() for k in {k for _, k in shapes}}
+    # the bf16 entry's rows and output: bf16 (float32 rows holding bf16 values for a source before 2026-12-01)
+    xt = {k: torch.randn(rows, k, generator=g).to(dtype) for k in {k for _, k in shapes}}
+    xs = {k: x.float() for k, x in xt.items()}
     ys = {n: torch.empty(rows, n) for n in {n for n, _ in shapes}}
-    xt = {k: x.to(dtype) for k, x in xs.items()}
-    tol = 1e-4 if dtype == torch.float32 else 1e-3
+    yt = {n: torch.empty(rows, n, dtype=dtype) for n in {n for n, _ in shapes}}
+    tol = 1e-4 if dtype == torch.float32 else 1e-2
+    io = {name: (xt, yt) if getattr(fn, "bf16_io", False) else (xs, ys) for name, fn in fns.items()}
     for name, fn in fns.items():
         if fn is None:
             continue
+        x_in, y_out = io[name]
         for w in ws[:8]:
             n, k = w.shape
-            fn(xs[k].data_ptr(), rows, w.data_ptr(), n, k, ys[n].data_ptr())
-            torch.testing.assert_close(ys[n], xs[k] @ w.float().T, rtol=tol, atol=tol, msg=name)
+            fn(x_in[k].data_ptr(), rows, w.data_ptr(), n, k, y_out[n].data_ptr())
+            torch.testing.assert_close(y_out[n].float(), xs[k] @ w.float().T, rtol=tol, atol=tol, msg=name)
     times = {name: [] for name in fns}
     names = list(fns)
     for r in range(rounds):
@@ -109,9 +98,10 @@ def bench(fns: dict, shapes: list[tuple[int, int]], rows: int, rounds: int, dtyp
                 for w in ws:
                     torch.nn.functional.linear(xt[w.shape[1]], w)
             else:
+                x_in, y_out = io[name]
                 for w in ws:
                     n, k = w.shape
-                    fn(xs[k].data_ptr(), rows, w.data_ptr(), n, k, ys[n].data_ptr())
+                    fn(x_in[k].data_ptr(), rows, w.data_ptr(), n, k, y_out[n].data_ptr())
             times[name].append((time.perf_counter() - t) * 1e3)
     ms = {name: statistics.median(v) for name, v in times.items()}
     return {
@@ -134,7 +124,10 @@ def main() -> int:
     args = p.parse_args()
     dtype = getattr(torch, args.dtype)
     if args.against:
-        builds = {args.against: (_source_at(args.against), []), "this tree": (cpu_linear._SOURCE, [])}
+        builds = {
+            args.against: (source_at(args.against, "modeling_llama/cpu_linear.py"), []),
+            "this tree": (cpu_linear._SOURCE, []),
+        }
         stem = "cpu_linear_against_" + "".join(c if c.isalnum() else "_" for c in args.against)
     else:
         builds = {

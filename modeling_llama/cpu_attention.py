@@ -41,6 +41,9 @@ _SOURCE = r"""
 #include <cstdint>
 #include <cstring>
 #include <vector>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
 
 #define PF 8  // rows of prefetch distance
 
@@ -48,9 +51,13 @@ typedef float v8 __attribute__((vector_size(32)));
 typedef uint32_t u32x8 __attribute__((vector_size(32)));
 static inline v8 load8(const float* p) { v8 v; std::memcpy(&v, p, sizeof v); return v; }
 static inline v8 load8(const uint16_t* p) {  // 8 bf16 -> fp32, exactly (the 16 bits become the high half)
+#ifdef __AVX2__
+    return (v8)_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16);
+#else
     u32x8 u;
     for (int i = 0; i < 8; i++) u[i] = (uint32_t)p[i] << 16;
     v8 v; std::memcpy(&v, &u, sizeof v); return v;
+#endif
 }
 static inline float load1(const float* p) { return *p; }
 static inline float load1(const uint16_t* p) {
@@ -60,33 +67,87 @@ static inline float load1(const uint16_t* p) {
 static inline void prefetch_row(const void* p, int64_t bytes) {  // every cache line of a key or value row
     for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch((const char*)p + o, 0, 3);
 }
-static inline float hsum(v8 a) { float s = 0.f; for (int i = 0; i < 8; i++) s += a[i]; return s; }
+// the 8 lanes' sum as a tree: three dependent adds, not seven
+static inline float hsum(v8 a) { return ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7])); }
+static inline void store1(float* p, float f) { *p = f; }
+static inline void store1(uint16_t* p, float f) {  // rounded to bf16, to nearest even, as torch rounds
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    *p = (u & 0x7fffffffu) > 0x7f800000u ? 0x7fc0 : (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
 
-// q . k over D
+// e^x for 8 lanes, x <= 0 (a softmax's shifted scores): x = n ln2 + r, |r| <= ln2 / 2, e^r by Cephes' expf
+// polynomial, times 2^n through the exponent bits; within ~2 ulp of expf. Below -87.3 (e^x under float's smallest
+// normal): 0.
+static inline v8 exp_nonpositive(v8 x) {
+    typedef int32_t i32x8 __attribute__((vector_size(32)));
+    const v8 lo = x < -87.33f ? (v8){} - 1.f : (v8){};  // (lanes of -1: true)
+    x = lo != 0.f ? (v8){} - 87.f : x;
+    const v8 magic = (v8){} + 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer
+    const v8 n = (x * 1.44269504088896341f + magic) - magic;
+    const v8 r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+    v8 p = (v8){} + 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * (r * r) + r + 1.f;
+    const i32x8 e = (__builtin_convertvector(n, i32x8) + 127) << 23;  // 2^n
+    v8 scale;
+    std::memcpy(&scale, &e, sizeof scale);
+    const v8 y = p * scale;
+    return lo != 0.f ? (v8){} : y;
+}
+
+// q . k over D (two sums over alternating pieces)
 template <typename T> static inline float dot(const T* q, const T* k, int64_t D) {
     int64_t d = 0;
     float s = 0.f;
     if (D >= 8) {
-        v8 a = {0};
+        v8 a = {0}, b = {0};
+        for (; d + 16 <= D; d += 16) {
+            a += load8(q + d) * load8(k + d);
+            b += load8(q + d + 8) * load8(k + d + 8);
+        }
         for (; d + 8 <= D; d += 8) a += load8(q + d) * load8(k + d);
-        s = hsum(a);
+        s = hsum(a + b);
     }
     for (; d < D; d++) s += load1(q + d) * load1(k + d);
     return s;
 }
 
-// out (B, H, D) float32 = softmax(q k^T * scale + mask) v for one query row per (b, h), kv head h / (H / Hk).
-// A position whose mask is <= -1e30 (additive, float32) or false (boolean) is not read, unless every one is.
+// q . k for 8 keys at once (rows kb + pos[j] * sks): eight independent sums, each piece of q loaded once
+template <typename T>
+static inline void dot8(const T* q, const T* kb, int64_t sks, const int64_t* pos, int64_t D, float* out) {
+    const T* k[8];
+    for (int j = 0; j < 8; j++) k[j] = kb + pos[j] * sks;
+    v8 a[8] = {};
+    int64_t d = 0;
+    for (; d + 8 <= D; d += 8) {
+        const v8 qv = load8(q + d);
+        for (int j = 0; j < 8; j++) a[j] += qv * load8(k[j] + d);
+    }
+    for (int j = 0; j < 8; j++) {
+        float s = hsum(a[j]);
+        for (int64_t e = d; e < D; e++) s += load1(q + e) * load1(k[j] + e);
+        out[j] = s;
+    }
+}
+
+// out (B, H, D) = softmax(q k^T * scale + mask) v for one query row per (b, h), kv head h / (H / Hk), in T (bf16:
+// float32 sums rounded once). A position whose mask is <= -1e30 (additive, float32) or false (boolean) is not read,
+// unless every one is.
 template <typename T>
 static void attend(const T* q, int64_t sqb, int64_t sqh, const T* k, int64_t skb, int64_t skh, int64_t sks,
                    const T* v, int64_t svb, int64_t svh, int64_t svs, const float* maskf, const uint8_t* maskb,
                    int64_t smb, int64_t smh, int64_t B, int64_t H, int64_t Hk, int64_t S, int64_t D, float scale,
-                   float* out) {
+                   T* out) {
     const int64_t groups = H / Hk;
 #pragma omp parallel
     {
-        std::vector<float> sc(S), acc(D);
-        std::vector<uint8_t> use(S);
+        std::vector<float> sc(S + 8), acc(D);  // the read positions' scores, then their weights
+        std::vector<int64_t> pos(S);           // the positions read, in order
 #pragma omp for schedule(static)
         for (int64_t bh = 0; bh < B * H; bh++) {
             const int64_t b = bh / H, h = bh % H, hk = h / groups;
@@ -96,41 +157,69 @@ static void attend(const T* q, int64_t sqb, int64_t sqh, const T* k, int64_t skb
             const float* mf = maskf ? maskf + b * smb + h * smh : nullptr;  // this pair's mask row
             const uint8_t* mb = maskb ? maskb + b * smb + h * smh : nullptr;
             int64_t n = 0;
-            for (int64_t p = 0; p < S; p++) {
-                use[p] = mf ? mf[p] > -1e30f : mb ? mb[p] != 0 : 1;
-                n += use[p];
+            for (int64_t p = 0; p < S; p++)
+                if (mf ? mf[p] > -1e30f : mb ? mb[p] != 0 : true) pos[n++] = p;
+            if (n == 0)  // every position masked: computed anyway, as the eager math does
+                for (; n < S; n++) pos[n] = n;
+            // scores, 8 keys at a time; the rows PF ahead prefetched whole (a head's rows are short streams: 18%
+            // faster from memory), and the first value rows while the keys are read
+            for (int64_t i = 0; i < n && i < PF; i++) prefetch_row(vb + pos[i] * svs, D * sizeof(T));
+            int64_t i = 0;
+            for (; i + 8 <= n; i += 8) {
+                for (int64_t j = i + PF; j < i + PF + 8 && j < n; j++) prefetch_row(kb + pos[j] * sks, D * sizeof(T));
+                dot8(qr, kb, sks, &pos[i], D, &sc[i]);
             }
-            const bool all = n == 0;  // every position masked: computed anyway, as the eager math does
+            for (; i < n; i++) sc[i] = dot(qr, kb + pos[i] * sks, D);
             float mx = -INFINITY;
-            for (int64_t p = 0; p < S; p++) {
-                if (!use[p] && !all) continue;
-                // the rows PF ahead, whole (a head's rows are short streams: 18% faster from memory), and the
-                // first value rows while the keys are read
-                if (p + PF < S && (use[p + PF] || all)) prefetch_row(kb + (p + PF) * sks, D * sizeof(T));
-                if (p < PF) prefetch_row(vb + p * svs, D * sizeof(T));
-                float s = dot(qr, kb + p * sks, D) * scale;
-                if (mf) s += mf[p];
-                sc[p] = s;
+            for (i = 0; i < n; i++) {
+                float s = sc[i] * scale;
+                if (mf) s += mf[pos[i]];
+                sc[i] = s;
                 mx = s > mx ? s : mx;
             }
-            float sum = 0.f;
+            // weights e^(s - max), 8 at a time (the lanes past n: 0), and their sum
+            for (i = n; i < (n + 7) / 8 * 8; i++) sc[i] = -INFINITY;
+            v8 sum8 = {0};
+            for (i = 0; i < n; i += 8) {
+                v8 w = exp_nonpositive(load8(&sc[i]) - mx);
+                if (mx == -INFINITY) w = (v8){} + 1.f;  // every score -inf (an all -inf mask): eager's NaN, below
+                std::memcpy(&sc[i], &w, sizeof w);
+                sum8 += w;
+            }
+            const float sum = mx == -INFINITY ? NAN : hsum(sum8);
             for (int64_t d = 0; d < D; d++) acc[d] = 0.f;
-            for (int64_t p = 0; p < S; p++) {
-                if (!use[p] && !all) continue;
-                const float w = std::exp(sc[p] - mx);
-                sum += w;
-                const T* vr = vb + p * svs;
-                if (p + PF < S && (use[p + PF] || all)) prefetch_row(vb + (p + PF) * svs, D * sizeof(T));
+            // the weighted sum of the value rows, four at a time, then one at a time
+            for (i = 0; i + 4 <= n; i += 4) {
+                const T* vr[4];
+                for (int j = 0; j < 4; j++) {
+                    vr[j] = vb + pos[i + j] * svs;
+                    if (i + PF + j < n) prefetch_row(vb + pos[i + PF + j] * svs, D * sizeof(T));
+                }
+                const float* w = &sc[i];
+                const v8 w0 = (v8){} + w[0], w1 = (v8){} + w[1], w2 = (v8){} + w[2], w3 = (v8){} + w[3];
                 int64_t d = 0;
-                const v8 wv = {w, w, w, w, w, w, w, w};
                 for (; d + 8 <= D; d += 8) {
-                    v8 a = load8(&acc[d]) + wv * load8(vr + d);
+                    const v8 a = load8(&acc[d]) + ((w0 * load8(vr[0] + d) + w1 * load8(vr[1] + d)) +
+                                                   (w2 * load8(vr[2] + d) + w3 * load8(vr[3] + d)));
+                    std::memcpy(&acc[d], &a, sizeof a);
+                }
+                for (; d < D; d++)
+                    acc[d] += (w[0] * load1(vr[0] + d) + w[1] * load1(vr[1] + d)) +
+                              (w[2] * load1(vr[2] + d) + w[3] * load1(vr[3] + d));
+            }
+            for (; i < n; i++) {
+                const T* vr = vb + pos[i] * svs;
+                const float w = sc[i];
+                const v8 wv = (v8){} + w;
+                int64_t d = 0;
+                for (; d + 8 <= D; d += 8) {
+                    const v8 a = load8(&acc[d]) + wv * load8(vr + d);
                     std::memcpy(&acc[d], &a, sizeof a);
                 }
                 for (; d < D; d++) acc[d] += w * load1(vr + d);
             }
-            float* o = out + (b * H + h) * D;
-            for (int64_t d = 0; d < D; d++) o[d] = acc[d] / sum;
+            T* o = out + (b * H + h) * D;
+            for (int64_t d = 0; d < D; d++) store1(o + d, acc[d] / sum);
         }
     }
 }
@@ -165,16 +254,16 @@ static at::Tensor decode_attention(const at::Tensor& q_, const at::Tensor& k_, c
     }
     const float* maskf = m.defined() && m.scalar_type() == at::kFloat ? m.const_data_ptr<float>() : nullptr;
     const uint8_t* maskb = m.defined() && m.scalar_type() == at::kBool ? (const uint8_t*)m.const_data_ptr() : nullptr;
-    at::Tensor out = at::empty({B, 1, H, D}, q.options().dtype(at::kFloat));
+    at::Tensor out = at::empty({B, 1, H, D}, q.options());
     if (dt == at::kFloat)
         attend(q.const_data_ptr<float>(), q.stride(0), q.stride(1), k.const_data_ptr<float>(), k.stride(0),
                k.stride(1), k.stride(2), v.const_data_ptr<float>(), v.stride(0), v.stride(1), v.stride(2), maskf,
                maskb, smb, smh, B, H, Hk, S, D, (float)scale, out.data_ptr<float>());
-    else
+    else  // bf16: float32 scores, softmax and sums, the output rounded once
         attend((const uint16_t*)q.const_data_ptr(), q.stride(0), q.stride(1), (const uint16_t*)k.const_data_ptr(),
                k.stride(0), k.stride(1), k.stride(2), (const uint16_t*)v.const_data_ptr(), v.stride(0), v.stride(1),
-               v.stride(2), maskf, maskb, smb, smh, B, H, Hk, S, D, (float)scale, out.data_ptr<float>());
-    return dt == at::kFloat ? out : out.to(dt);
+               v.stride(2), maskf, maskb, smb, smh, B, H, Hk, S, D, (float)scale, (uint16_t*)out.data_ptr());
+    return out;
 }
 
 TORCH_LIBRARY_IMPL(llama_hf, CPU, m) { m.impl("decode_attention", decode_attention); }
@@ -184,13 +273,19 @@ TORCH_LIBRARY_IMPL(llama_hf, CPU, m) { m.impl("decode_attention", decode_attenti
 def library_path() -> Path | None:
     """The kernel (C++, linked against this torch), built on first use with ``$CXX``/``c++``/``g++``/``clang++``
     for this CPU and cached per torch version (:mod:`.native_build`); ``None`` where it cannot be built."""
+    return _build("llama_hf_attention", _SOURCE)
+
+
+def _build(stem: str, source: str) -> Path | None:
+    """``source`` (this module's kernel, or another version of it: ``benchmarks/decode_attention.py --against``)
+    built as :func:`library_path` builds it."""
     torch_flags = native_build.torch_flags()
     if torch_flags is None:
         return None
     common = ["-O3", "-march=native", "-shared", "-fPIC", "-w", *torch_flags]
     flag_sets = [[std, *omp, *common] for omp in (["-fopenmp"], []) for std in ("-std=c++20", "-std=c++17")]
     compilers = native_build.cxx_compilers()
-    return native_build.build("llama_hf_attention", _SOURCE, ".cpp", compilers, flag_sets, (torch.__version__,))
+    return native_build.build(stem, source, ".cpp", compilers, flag_sets, (torch.__version__,))
 
 
 _loaded = False  # read by decode_attention_forward (inside compiled graphs: a constant, not a call)

@@ -106,6 +106,12 @@ static inline v8 ld_bf16(const uint16_t* p) {
 #endif
 }
 static inline float bf16_to_float(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
+/* float32 -> bf16, rounded to nearest even as torch rounds (exact for values that are bf16 already) */
+static inline uint16_t float_to_bf16(float f) {
+    uint32_t u; memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;  /* NaN: the one torch rounds NaNs to */
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
 
 /* y[0] = x . wr over K, one input row: four accumulators over k, so the adds do not wait on each other (software
    prefetch only with PREFETCH_ROW1: it did not help a single sequential stream on Zen 3, and did on Intel). */
@@ -208,10 +214,11 @@ static const bf16_fn BF16X2[9] = {0, 0, bf16x2_2, bf16x2_3, bf16x2_4, bf16x2_5, 
 #define PAIR_MIN_K 4096
 #endif
 
-/* y (M, N) = x (M, K) @ w (N, K)^T, all row-major and contiguous, x and y float32, w float32 or (the _bf16 entry)
-   bfloat16, accumulated in float32. The output columns (weight rows) are split between the threads; each weight
-   row is read from memory once and, for M > 8, reused from L1 by every group of 8 input rows. Return 0, or -1
-   for M < 1. */
+/* y (M, N) = x (M, K) @ w (N, K)^T, all row-major and contiguous, x and y float32, w float32 or bfloat16,
+   accumulated in float32 (the bf16 entry, llama_small_batch_linear_bf16 below, takes bf16 rows and writes bf16
+   outputs; where it widens, through this loop). The output columns (weight rows) are split between the threads;
+   each weight row is read from memory once and, for M > 8, reused from L1 by every group of 8 input rows. Return
+   0, or -1 for M < 1. */
 #define DEFINE_ENTRY(NAME, WT, TABLE, TABLE2)                                                               \
 int NAME(const float* x, int64_t M, const WT* w, int64_t N, int64_t K, float* y) {                          \
     if (M < 1) return -1;                                                                                   \
@@ -245,18 +252,18 @@ DEFINE_ENTRY(llama_small_batch_linear, float, F32, F32X2)
 /* bf16 weights on a CPU with bf16 dot products (AVX512-BF16: Intel Cooper Lake, Sapphire Rapids and later; AMD Zen
    4 and later): vdpbf16ps multiplies 32 bf16 weights by 32 bf16 inputs and adds each pair of products into one of
    16 float32 sums, a quarter of the instructions of widening each weight to float32 (which ran at ~10 GB/s of
-   weights at 8 rows on 2 Intel cores, compute-bound). The inputs are rounded to bf16 first: exact for the op's
-   bf16 inputs. The products are exact in float32; the sums are float32 (rounded to nearest even, subnormals
+   weights at 8 rows on 2 Intel cores, compute-bound). The input rows are bf16 as the op hands them over. The
+   products are exact in float32; the sums are float32 (rounded to nearest even, subnormals
    flushed to zero, as the instruction does), added in another order than the widening form's. */
 #define BF16_DOT 1
 static inline __m512bh ld_bh(const uint16_t* p) { return (__m512bh)_mm512_loadu_si512(p); }
 static inline __m512bh ld_bh_tail(const uint16_t* p, int64_t left) {  /* the K tail (left < 32), zero-filled */
     return (__m512bh)_mm512_maskz_loadu_epi16((__mmask32)((1u << left) - 1u), p);
 }
-/* y[m * ldy] = x[m] . wr for MM bf16 input rows; each 32-weight piece loaded once for all of them. One row: two
-   sums alternate, so consecutive dot products do not wait on each other. */
+/* y[m * ldy] = x[m] . wr for MM bf16 input rows, rounded to bf16; each 32-weight piece loaded once for all of them.
+   One row: two sums alternate, so consecutive dot products do not wait on each other. */
 #define DEFINE_DOT(NAME, MM)                                                                                \
-static void NAME(const uint16_t* x, const uint16_t* wr, int64_t K, float* y, int64_t ldy) {                 \
+static void NAME(const uint16_t* x, const uint16_t* wr, int64_t K, uint16_t* y, int64_t ldy) {              \
     __m512 acc[MM], acc1 = _mm512_setzero_ps();                                                             \
     for (int m = 0; m < MM; m++) acc[m] = _mm512_setzero_ps();                                              \
     const int64_t K32 = K & ~(int64_t)31;                                                                   \
@@ -281,25 +288,15 @@ static void NAME(const uint16_t* x, const uint16_t* wr, int64_t K, float* y, int
     }                                                                                                       \
     acc[0] = _mm512_add_ps(acc[0], acc1);                                                                   \
     _Pragma("GCC unroll 8")                                                                                 \
-    for (int m = 0; m < MM; m++) y[m * ldy] = _mm512_reduce_add_ps(acc[m]);                                 \
+    for (int m = 0; m < MM; m++) y[m * ldy] = float_to_bf16(_mm512_reduce_add_ps(acc[m]));                  \
 }
 DEFINE_DOT(dot_1, 1) DEFINE_DOT(dot_2, 2) DEFINE_DOT(dot_3, 3) DEFINE_DOT(dot_4, 4)
 DEFINE_DOT(dot_5, 5) DEFINE_DOT(dot_6, 6) DEFINE_DOT(dot_7, 7) DEFINE_DOT(dot_8, 8)
-typedef void (*dot_fn)(const uint16_t*, const uint16_t*, int64_t, float*, int64_t);
+typedef void (*dot_fn)(const uint16_t*, const uint16_t*, int64_t, uint16_t*, int64_t);
 static const dot_fn DOT[9] = {0, dot_1, dot_2, dot_3, dot_4, dot_5, dot_6, dot_7, dot_8};
 
-/* float32 -> bf16, rounded to nearest even (exact for values that are bf16 already; NaN stays NaN) */
-static inline uint16_t float_to_bf16(float f) {
-    uint32_t u; memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);
-    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
-
-int llama_small_batch_linear_bf16(const float* x, int64_t M, const uint16_t* w, int64_t N, int64_t K, float* y) {
+int llama_small_batch_linear_bf16(const uint16_t* x, int64_t M, const uint16_t* w, int64_t N, int64_t K, uint16_t* y) {
     if (M < 1) return -1;
-    uint16_t* xb = (uint16_t*)malloc((size_t)(M * K) * sizeof(uint16_t) + 64);
-    if (!xb) return -2;
-    for (int64_t i = 0; i < M * K; i++) xb[i] = float_to_bf16(x[i]);
     _Pragma("omp parallel")
     {
         int64_t nt = 1, t = 0;
@@ -307,15 +304,29 @@ int llama_small_batch_linear_bf16(const float* x, int64_t M, const uint16_t* w, 
         const int64_t per = (N + nt - 1) / nt, n0 = t * per, n1 = n0 + per < N ? n0 + per : N;
         for (int64_t n = n0; n < n1; n++)
             for (int64_t m = 0; m < M; m += 8)
-                DOT[M - m < 8 ? M - m : 8](xb + m * K, w + n * K, K, y + m * N + n, N);
+                DOT[M - m < 8 ? M - m : 8](x + m * K, w + n * K, K, y + m * N + n, N);
     }
-    free(xb);
     return 0;
 }
 #else
 #define BF16_DOT 0
-DEFINE_ENTRY(llama_small_batch_linear_bf16, uint16_t, BF16, BF16X2)
+/* the widening loop: the rows widened to float32 first (exact), float32 sums, rounded to bf16 once */
+static DEFINE_ENTRY(small_batch_linear_bf16_f32, uint16_t, BF16, BF16X2)
+int llama_small_batch_linear_bf16(const uint16_t* x, int64_t M, const uint16_t* w, int64_t N, int64_t K, uint16_t* y) {
+    if (M < 1) return -1;
+    float* xf = (float*)malloc((size_t)(M * K + M * N) * sizeof(float));
+    if (!xf) return -2;
+    float* yf = xf + M * K;
+    for (int64_t i = 0; i < M * K; i++) xf[i] = bf16_to_float(x[i]);
+    const int rc = small_batch_linear_bf16_f32(xf, M, w, N, K, yf);
+    _Pragma("omp parallel for if (M * N >= 65536)")
+    for (int64_t i = 0; i < M * N; i++) y[i] = float_to_bf16(yf[i]);
+    free(xf);
+    return rc;
+}
 #endif
+/* 1: the bf16 entry's rows and output are bf16 (before 2026-12-01 they were float32) */
+int llama_small_batch_linear_bf16_io(void) { return 1; }
 /* which forms this build has: bit 0, bf16 dot products; bit 1, the T0 prefetch hint */
 int llama_small_batch_linear_forms(void) { return BF16_DOT | (PREFETCH_HINT == 3) << 1; }
 """
@@ -332,7 +343,7 @@ _NATIVE_SOURCE = r"""
 #include <vector>
 
 typedef int (*f32_fn)(const float*, int64_t, const float*, int64_t, int64_t, float*);
-typedef int (*bf16_fn)(const float*, int64_t, const uint16_t*, int64_t, int64_t, float*);
+typedef int (*bf16_fn)(const uint16_t*, int64_t, const uint16_t*, int64_t, int64_t, uint16_t*);
 static f32_fn kernel_f32 = nullptr;
 static bf16_fn kernel_bf16 = nullptr;
 
@@ -348,17 +359,18 @@ static at::Tensor small_batch_linear(const at::Tensor& x, const at::Tensor& w) {
         && rows >= 1 && rows <= MAX_ROWS && x.device().is_cpu() && w.device().is_cpu() && w.dim() == 2
         && w.size(1) == K;
     if (!ok) return at::linear(x, w);
-    const at::Tensor wc = w.contiguous();  // (N, K)
-    const at::Tensor x32 = dt == at::kFloat ? x.contiguous() : x.to(at::kFloat).contiguous();  // (M, K)
+    const at::Tensor wc = w.contiguous(), xc = x.contiguous();  // (N, K), (M, K)
     std::vector<int64_t> sizes(x.sizes().begin(), x.sizes().end());
     sizes.back() = w.size(0);
-    at::Tensor y = at::empty(sizes, x.options().dtype(at::kFloat));  // (..., N): written as (M, N)
+    at::Tensor y = at::empty(sizes, x.options());  // (..., N): written as (M, N), in x's dtype
+    // bf16: bf16 rows in, the float32 sums rounded to bf16 once (to nearest even) by the kernel
     const int rc = dt == at::kFloat
-        ? kernel_f32(x32.const_data_ptr<float>(), rows, wc.const_data_ptr<float>(), w.size(0), K, y.data_ptr<float>())
-        : kernel_bf16(x32.const_data_ptr<float>(), rows, static_cast<const uint16_t*>(wc.const_data_ptr()), w.size(0),
-                      K, y.data_ptr<float>());
-    if (rc != 0) return at::linear(x, w);  // -2: no memory for the bf16 rows
-    return dt == at::kFloat ? y : y.to(dt);  // bf16: the fp32 sums rounded once, to nearest even
+        ? kernel_f32(xc.const_data_ptr<float>(), rows, wc.const_data_ptr<float>(), w.size(0), K, y.data_ptr<float>())
+        : kernel_bf16(static_cast<const uint16_t*>(xc.const_data_ptr()), rows,
+                      static_cast<const uint16_t*>(wc.const_data_ptr()), w.size(0), K,
+                      static_cast<uint16_t*>(y.data_ptr()));
+    if (rc != 0) return at::linear(x, w);  // -2: no memory for the widened rows
+    return y;
 }
 
 TORCH_LIBRARY_IMPL(llama_hf, CPU, m) { m.impl("small_batch_linear", small_batch_linear); }
@@ -510,12 +522,11 @@ def _small_batch_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.linear(x, weight)
     n, k = weight.shape
     w = weight if weight.is_contiguous() else weight.contiguous()  # (N, K)
-    # (..., K) read as (M, K) in float32: bf16 rows are upcast (exactly; a few KB); few Python calls, 85 a token
-    x32 = x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous()
-    y = torch.empty(*x.shape[:-1], n, dtype=torch.float32)  # (..., N): written as (M, N)
-    if fn(x32.data_ptr(), rows, w.data_ptr(), n, k, y.data_ptr()) != 0:  # -2: no memory for the bf16 rows
+    xc = x if x.is_contiguous() else x.contiguous()  # (..., K) read as (M, K)
+    y = torch.empty(*x.shape[:-1], n, dtype=x.dtype)  # (..., N): written as (M, N); bf16: rounded once by the kernel
+    if fn(xc.data_ptr(), rows, w.data_ptr(), n, k, y.data_ptr()) != 0:  # -2: no memory for the widened rows
         return F.linear(x, weight)
-    return y if x.dtype == torch.float32 else y.to(x.dtype)  # bf16: the fp32 sums rounded once, to nearest even
+    return y
 
 
 # A plain torch.library op (a kernel behind the dispatcher: the Python one costs ~35 us a call here, the C++ one

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import os
+import platform
 import shutil
 
 import pytest
@@ -140,6 +141,58 @@ def test_build_without_openmp_is_single_threaded_and_right(tmp_path):
     assert fn(x.data_ptr(), 11, w.data_ptr(), 70, 45, y.data_ptr()) == 0
     torch.testing.assert_close(y, F.linear(x, w), rtol=1e-5, atol=1e-5)
     assert fn(x.data_ptr(), 0, w.data_ptr(), 70, 45, y.data_ptr()) == -1  # no rows: refused
+
+
+@pytest.mark.skipif(not has_cc, reason="no C compiler")
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="x86 flags")
+def test_bf16_entry_rounds_its_float32_sums_as_torch_does(tmp_path):
+    """The bf16 entry takes bf16 rows and writes bf16 outputs. Built without the bf16 dot-product form (what an AVX2
+    CPU builds), its float32 sums are the fp32 entry's on the widened values, so its outputs must be exactly those
+    sums rounded by torch; built as this CPU builds it (the dot-product form where there is one), within one bf16
+    rounding of the float64 product. NaN and infinity pass through."""
+    import ctypes
+    import subprocess
+
+    cc = next(shutil.which(c) for c in (os.environ.get("CC"), "cc", "gcc", "clang") if c and shutil.which(c))
+    src = tmp_path / "k.c"
+    src.write_text(cpu_linear._SOURCE)
+    entries = {}
+    for name, extra in [("widening", ["-mno-avx512bf16"]), ("native", [])]:
+        lib = tmp_path / f"{name}.so"
+        flags = [*cpu_linear._FLAGS, *cpu_linear._vendor_defines(), *extra]
+        subprocess.run([cc, *flags, "-o", str(lib), str(src)], check=True, capture_output=True)
+        so = ctypes.CDLL(str(lib))
+        assert so.llama_small_batch_linear_bf16_io() == 1
+        for entry in ("llama_small_batch_linear", "llama_small_batch_linear_bf16"):
+            i64, ptr = ctypes.c_int64, ctypes.c_void_p
+            getattr(so, entry).argtypes = [ptr, i64, ptr, i64, i64, ptr]  # x, M, w, N, K, y
+        entries[name] = so
+    assert not entries["widening"].llama_small_batch_linear_forms() & 1  # the widening form, whatever the CPU
+    g = torch.Generator().manual_seed(7)
+    for rows, n, k in [(2, 5, 7), (3, 70, 45), (8, 300, 768), (9, 33, 2051), (16, 65, 4100)]:
+        x, w = torch.randn(rows, k, generator=g).bfloat16(), torch.randn(n, k, generator=g).bfloat16()
+        x[rows - 1, 1], w[2 % n, 0] = float("nan"), float("inf")  # a NaN last row, an infinite column 2 % n
+        y32 = torch.empty(rows, n)
+        assert (
+            entries["widening"].llama_small_batch_linear(
+                x.float().data_ptr(), rows, w.float().data_ptr(), n, k, y32.data_ptr()
+            )
+            == 0
+        )
+        for name, so in entries.items():
+            y = torch.full((rows, n), 7.0, dtype=torch.bfloat16)
+            assert so.llama_small_batch_linear_bf16(x.data_ptr(), rows, w.data_ptr(), n, k, y.data_ptr()) == 0
+            assert torch.equal(y.isnan(), y32.isnan()) and y.isnan()[-1].all(), name
+            finite = ~y32.isnan()
+            if name == "widening":  # the same float32 sums, rounded here by torch
+                assert torch.equal(y[finite].view(torch.int16), y32.bfloat16()[finite].view(torch.int16))
+            else:
+                ref = (x.double() @ w.double().t())[finite]
+                scale = (x.double().abs() @ w.double().abs().t())[finite].nan_to_num(posinf=0).max().item()
+                got = y[finite].double()
+                same_inf = got.isinf() & (got == ref)
+                assert (same_inf | ((got - ref).abs() <= 2**-8 * ref.abs() + 1e-6 * scale)).all(), (rows, n, k)
+        assert entries["native"].llama_small_batch_linear_bf16(x.data_ptr(), 0, w.data_ptr(), n, k, y.data_ptr()) == -1
 
 
 def test_other_inputs_go_to_f_linear():
