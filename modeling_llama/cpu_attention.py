@@ -6,8 +6,10 @@ A decoding step attends one new query per sequence over the whole KV cache. Writ
 and reads the cached keys more than once: at batch 8 on 2 AVX2 cores (``100M``, a 97-position cache) its attention
 kernels took ~9 ms of a ~45 ms step, where reading the 57 MB of cache once takes ~3 ms. The kernel here (C++, a
 ``torch.library`` op, built on first use and cached like :mod:`.cpu_linear`'s) computes, for each (sequence, head)
-pair in parallel, the scores of the positions the mask lets through, their softmax in float32 and the weighted sum
-of those values, reading each key and value row once. A static cache's positions beyond the current one are masked
+pair in parallel, the scores of the positions the mask lets through (eight keys at a time), their softmax in
+float32 (a vectorised exp, within 1 ulp of ``expf`` at every float in [-87.3, 0]) and the weighted sum of those
+values (four rows at a time), reading each key and value row once; bf16 inputs are summed in float32 and the output
+rounded to bf16 once. A static cache's positions beyond the current one are masked
 (``-inf``/``finfo.min`` in an additive mask, ``False`` in a boolean one), so they cost nothing: the step reads what
 has been written, not the cache's length. Skipping them is exact: their softmax weight is 0 in the eager math
 (unless every position is masked; then all are computed, as eager does).
@@ -77,8 +79,8 @@ static inline void store1(uint16_t* p, float f) {  // rounded to bf16, to neares
 }
 
 // e^x for 8 lanes, x <= 0 (a softmax's shifted scores): x = n ln2 + r, |r| <= ln2 / 2, e^r by Cephes' expf
-// polynomial, times 2^n through the exponent bits; within ~2 ulp of expf. Below -87.3 (e^x under float's smallest
-// normal): 0.
+// polynomial, times 2^n through the exponent bits; within 1 ulp of expf at every float in [-87.3, 0]. Below
+// -87.3 (e^x under float's smallest normal): 0.
 static inline v8 exp_nonpositive(v8 x) {
     typedef int32_t i32x8 __attribute__((vector_size(32)));
     const v8 lo = x < -87.33f ? (v8){} - 1.f : (v8){};  // (lanes of -1: true)

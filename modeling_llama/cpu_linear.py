@@ -20,7 +20,8 @@ bfloat16 weights (with bf16 inputs) go through the same loop: each 8-weight piec
 CPU without bf16 arithmetic (AVX2) this reads half the bytes of the fp32 product, where torch's bf16 ``F.linear``
 is emulated by oneDNN at a fraction of fp32's speed. On a CPU with AVX512-BF16 the bf16 loop uses its dot-product
 instruction instead (32 weights by 32 inputs, float32 sums; :func:`forms`): on 2 Intel cores 1.5-2x the rate of
-torch's bf16 ``F.linear`` at 1-8 rows.
+torch's bf16 ``F.linear`` at 1-8 rows. The bf16 entry takes the bf16 rows and writes the bf16 output itself (rounded
+to nearest even, as torch rounds), so a call makes no conversions in torch (the widening form widens the rows in C).
 
 :func:`small_batch_linear` is a ``torch.library`` op, ``torch.ops.llama_hf.small_batch_linear``, so a compiled
 graph calls it as one opaque kernel; where the kernel cannot run (not fp32 or bf16, mixed dtypes, not CPU, more

@@ -61,10 +61,12 @@ def test_matches_float64_eager_math(dtype):
         additive[-1, ..., 0] = float("-inf") if s > 1 else 0.0  # -inf masks too (left padding)
         per_head = torch.randn(1, h, 1, s, generator=g).to(dtype)  # a mask per head, shared by the batch
         masks = [additive, additive > -1, None, per_head, additive[:1]]
-        for mask in masks:
-            out = cpu_attention.decode_attention(q, k, v, mask, 0.3)
+        # scale 0.3: scores within a few units; 25: a sharp softmax, scores hundreds apart, most weights below
+        # float's range (the kernel's exp flushes those to 0)
+        for mask, scale in [(m, 0.3) for m in masks] + [(additive, 25.0), (None, 25.0)]:
+            out = cpu_attention.decode_attention(q, k, v, mask, scale)
             assert out.dtype == dtype and out.shape == (b, 1, h, d)
-            ref = reference(q, k, v, mask, 0.3)
+            ref = reference(q, k, v, mask, scale)
             if dtype == torch.float32:
                 torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
             else:  # float32 sums, rounded to bf16 once
