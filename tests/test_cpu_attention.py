@@ -62,15 +62,20 @@ def test_matches_float64_eager_math(dtype):
         per_head = torch.randn(1, h, 1, s, generator=g).to(dtype)  # a mask per head, shared by the batch
         masks = [additive, additive > -1, None, per_head, additive[:1]]
         # scale 0.3: scores within a few units; 25: a sharp softmax, scores hundreds apart, most weights below
-        # float's range (the kernel's exp flushes those to 0)
+        # float's range (the kernel's exp flushes those to 0). There a score's float32 rounding (~1e-4 of a score
+        # of ~1000) moves its weight by as much, relative: the tolerance grows to match.
         for mask, scale in [(m, 0.3) for m in masks] + [(additive, 25.0), (None, 25.0)]:
             out = cpu_attention.decode_attention(q, k, v, mask, scale)
             assert out.dtype == dtype and out.shape == (b, 1, h, d)
             ref = reference(q, k, v, mask, scale)
+            sharp = scale > 1
             if dtype == torch.float32:
-                torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
+                torch.testing.assert_close(
+                    out.double(), ref, rtol=2e-3 if sharp else 1e-5, atol=1e-4 if sharp else 1e-6
+                )
             else:  # float32 sums, rounded to bf16 once
-                assert ((out.double() - ref).abs() <= 2**-8 * ref.abs() + 1e-5).all(), (b, h, hk, s, d)
+                rel = 2**-8 + (2e-3 if sharp else 0)
+                assert ((out.double() - ref).abs() <= rel * ref.abs() + 1e-5).all(), (b, h, hk, s, d)
 
 
 @needs_kernel

@@ -172,13 +172,9 @@ def test_bf16_entry_rounds_its_float32_sums_as_torch_does(tmp_path):
     for rows, n, k in [(2, 5, 7), (3, 70, 45), (8, 300, 768), (9, 33, 2051), (16, 65, 4100)]:
         x, w = torch.randn(rows, k, generator=g).bfloat16(), torch.randn(n, k, generator=g).bfloat16()
         x[rows - 1, 1], w[2 % n, 0] = float("nan"), float("inf")  # a NaN last row, an infinite column 2 % n
-        y32 = torch.empty(rows, n)
-        assert (
-            entries["widening"].llama_small_batch_linear(
-                x.float().data_ptr(), rows, w.float().data_ptr(), n, k, y32.data_ptr()
-            )
-            == 0
-        )
+        x32, w32, y32 = x.float(), w.float(), torch.empty(rows, n)  # (held: the kernel gets bare pointers)
+        fn = entries["widening"].llama_small_batch_linear
+        assert fn(x32.data_ptr(), rows, w32.data_ptr(), n, k, y32.data_ptr()) == 0
         for name, so in entries.items():
             y = torch.full((rows, n), 7.0, dtype=torch.bfloat16)
             assert so.llama_small_batch_linear_bf16(x.data_ptr(), rows, w.data_ptr(), n, k, y.data_ptr()) == 0
