@@ -66,22 +66,30 @@ def test_decode_tables_render_every_row(name):
 
 
 def test_kernel_source_at_a_git_revision():
-    """``cpu_linear_pairs.py --against REV`` builds the kernel from ``REV``'s ``modeling_llama/cpu_linear.py``: at
-    HEAD (this tree's file unmodified) that is the module's own source; an unknown revision says which."""
+    """``--against REV`` (``cpu_linear_pairs.py``, ``decode_attention.py``) builds a kernel from ``REV``'s module
+    (``bench_cpu.source_at``): at HEAD (the file unmodified here) that is the module's own source; an unknown
+    revision says which."""
     import shutil
     import subprocess
 
     git = shutil.which("git")
     if git is None or subprocess.run([git, "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True).returncode:
         pytest.skip("not a git checkout")
-    if subprocess.run([git, "diff", "--quiet", "HEAD", "--", "modeling_llama/cpu_linear.py"], cwd=REPO_ROOT).returncode:
-        pytest.skip("modeling_llama/cpu_linear.py differs from HEAD here")
-    pairs = bench_script("cpu_linear_pairs")  # (it puts its folder on sys.path for bench_cpu itself)
-    from modeling_llama import cpu_linear
+    bench_script("cpu_linear_pairs")  # (it puts its folder on sys.path for bench_cpu itself)
+    from bench_cpu import source_at
 
-    assert pairs._source_at("HEAD") == cpu_linear._SOURCE
+    from modeling_llama import cpu_attention, cpu_linear
+
+    compared = 0
+    for module in (cpu_linear, cpu_attention):
+        path = f"modeling_llama/{module.__name__.rsplit('.', 1)[1]}.py"
+        if subprocess.run([git, "diff", "--quiet", "HEAD", "--", path], cwd=REPO_ROOT).returncode == 0:
+            assert source_at("HEAD", path) == module._SOURCE
+            compared += 1
+    if not compared:
+        pytest.skip("both kernels' modules differ from HEAD here")
     with pytest.raises(SystemExit, match="no-such-revision"):
-        pairs._source_at("no-such-revision")
+        source_at("no-such-revision", "modeling_llama/cpu_linear.py")
 
 
 def test_kernel_comparison_runs_bf16_and_torch_columns():
