@@ -164,8 +164,11 @@ static void attend(const T* q, int64_t sqb, int64_t sqh, const T* k, int64_t skb
             if (n == 0)  // every position masked: computed anyway, as the eager math does
                 for (; n < S; n++) pos[n] = n;
             // scores, 8 keys at a time; the rows PF ahead prefetched whole (a head's rows are short streams: 18%
-            // faster from memory), and the first value rows while the keys are read
-            for (int64_t i = 0; i < n && i < PF; i++) prefetch_row(vb + pos[i] * svs, D * sizeof(T));
+            // faster from memory), the first key and value rows before the keys are read
+            for (int64_t i = 0; i < n && i < PF; i++) {
+                prefetch_row(kb + pos[i] * sks, D * sizeof(T));
+                prefetch_row(vb + pos[i] * svs, D * sizeof(T));
+            }
             int64_t i = 0;
             for (; i + 8 <= n; i += 8) {
                 for (int64_t j = i + PF; j < i + PF + 8 && j < n; j++) prefetch_row(kb + pos[j] * sks, D * sizeof(T));
