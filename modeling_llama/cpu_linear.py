@@ -316,16 +316,28 @@ int llama_small_batch_linear_bf16(const uint16_t* x, int64_t M, const uint16_t* 
 #define BF16_DOT 0
 /* the widening loop: the rows widened to float32 first (exact), float32 sums, rounded to bf16 once */
 static DEFINE_ENTRY(small_batch_linear_bf16_f32, uint16_t, BF16, BF16X2)
+/* the calling thread's scratch memory for the widened rows and the float32 outputs, kept between calls (aligned to
+   the cache line): allocating and freeing ~0.2 MB on every call made the 16-row products 0.87x as fast */
+static __thread float* scratch_buf;
+static __thread size_t scratch_len;
+static float* scratch(size_t n) {
+    if (n > scratch_len) {
+        free(scratch_buf);
+        void* p = NULL;
+        scratch_buf = posix_memalign(&p, 64, n * sizeof(float)) == 0 ? (float*)p : NULL;
+        scratch_len = scratch_buf ? n : 0;
+    }
+    return scratch_buf;
+}
 int llama_small_batch_linear_bf16(const uint16_t* x, int64_t M, const uint16_t* w, int64_t N, int64_t K, uint16_t* y) {
     if (M < 1) return -1;
-    float* xf = (float*)malloc((size_t)(M * K + M * N) * sizeof(float));
+    float* xf = scratch((size_t)(M * K + M * N));
     if (!xf) return -2;
     float* yf = xf + M * K;
     for (int64_t i = 0; i < M * K; i++) xf[i] = bf16_to_float(x[i]);
     const int rc = small_batch_linear_bf16_f32(xf, M, w, N, K, yf);
     _Pragma("omp parallel for if (M * N >= 65536)")
     for (int64_t i = 0; i < M * N; i++) y[i] = float_to_bf16(yf[i]);
-    free(xf);
     return rc;
 }
 #endif
