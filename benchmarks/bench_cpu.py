@@ -732,9 +732,10 @@ def write_results(out: str | Path, stem: str, result: dict, md: str) -> None:
     print(md)
 
 
-def source_at(rev: str, path: str) -> str:
-    """A kernel's source (the ``_SOURCE`` string of the module at ``path``, e.g. ``modeling_llama/cpu_linear.py``) at
-    git revision ``rev``: what ``--against REV`` of the kernel benchmarks builds beside this tree's."""
+def source_at(rev: str, path: str, name: str = "_SOURCE") -> str:
+    """A kernel's source (the string ``name``, ``_SOURCE`` by default, of the module at ``path``, e.g.
+    ``modeling_llama/cpu_linear.py``) at git revision ``rev``: what ``--against REV`` of the kernel benchmarks builds
+    beside this tree's."""
     root = Path(__file__).resolve().parent.parent
     try:
         text = subprocess.run(
@@ -743,9 +744,9 @@ def source_at(rev: str, path: str) -> str:
     except (OSError, subprocess.CalledProcessError) as e:
         raise SystemExit(f"cannot read {path} at {rev!r} with git: {e}") from None
     for node in ast.parse(text).body:
-        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "_SOURCE" for t in node.targets):
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == name for t in node.targets):
             return ast.literal_eval(node.value)
-    raise SystemExit(f"{path} at {rev!r} has no _SOURCE")
+    raise SystemExit(f"{path} at {rev!r} has no {name}")
 
 
 def main() -> int:

@@ -18,13 +18,22 @@ generate of 1) / N``) as medians and as the median of per-round ratios to ``all`
 tokens equal.
 
     python benchmarks/decode_step_parts.py [--rounds 12] [--out benchmarks/results/cpu-avx2]
+
+With ``--against REV`` a sixth decoder, ``kernels at REV``, runs the CPU kernels as they were at git revision
+``REV`` (``cpu_linear``'s C kernel and C++ glue, ``cpu_attention``'s kernel, built from that revision's sources as
+ops of the namespace ``llama_hf_rev``), with the step's size asserts back on where ``REV`` had them: the step of one
+revision against another's, side by side (files ``decode_step_parts_against_<REV>``). Its tokens may differ from
+``all``'s where the revisions sum in other orders; they are reported, not asserted (as are ``eager attention``'s
+in bf16, where inductor's math rounds the scores and weights to bf16).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,9 +42,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from bench_cpu import _twins, run_meta, write_results  # noqa: E402
+from bench_cpu import _twins, run_meta, source_at, write_results  # noqa: E402
 
-from modeling_llama import FastDecoder, cpu_attention, cpu_linear, fast_decode  # noqa: E402
+from modeling_llama import FastDecoder, cpu_attention, cpu_linear, fast_decode, native_build  # noqa: E402
 
 _LIB = torch.library.Library("llama_hf_bench", "DEF")
 _LIB.define("small_batch_linear_python(Tensor x, Tensor weight) -> Tensor")
@@ -46,6 +55,74 @@ torch.library.register_fake("llama_hf_bench::small_batch_linear_python", cpu_lin
 def _python_op_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     if torch.compiler.is_compiling():
         return torch.ops.llama_hf_bench.small_batch_linear_python(x, self.weight)
+    return fast_decode._eager_linear(self, x)
+
+
+REV_ATTENTION = "llama_hf_decode_rev"
+_REV_LIB = None
+
+
+def kernels_at(rev: str) -> bool:
+    """Build ``cpu_linear``'s kernel and glue and ``cpu_attention``'s kernel from git revision ``rev`` as the ops
+    ``llama_hf_rev::small_batch_linear`` and ``llama_hf_rev::decode_attention``, and register the attention
+    implementation :data:`REV_ATTENTION` that calls the latter. Returns whether ``rev`` compiled the step without
+    size asserts (this tree's ``FastDecoder`` does since 2026-12-01)."""
+    global _REV_LIB
+    _REV_LIB = torch.library.Library("llama_hf_rev", "DEF")
+    _REV_LIB.define("small_batch_linear(Tensor x, Tensor weight) -> Tensor")
+    torch.library.register_fake("llama_hf_rev::small_batch_linear", cpu_linear._fake, lib=_REV_LIB)
+    _REV_LIB.define("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor")
+    torch.library.register_fake("llama_hf_rev::decode_attention", cpu_attention._fake, lib=_REV_LIB)
+    linear, attention = "modeling_llama/cpu_linear.py", "modeling_llama/cpu_attention.py"
+    rename = ("TORCH_LIBRARY_IMPL(llama_hf,", "TORCH_LIBRARY_IMPL(llama_hf_rev,")
+    kernel = native_build.build(
+        "llama_small_batch_linear_rev",
+        source_at(rev, linear),
+        ".c",
+        native_build.c_compilers(),
+        [cpu_linear._FLAGS + cpu_linear._vendor_defines()],
+    )
+    flags = ["-std=c++17", "-O2", "-shared", "-fPIC", "-w", f"-DMAX_ROWS={cpu_linear.MAX_ROWS}"]
+    glue = native_build.build(
+        "llama_hf_ops_rev",
+        source_at(rev, linear, "_NATIVE_SOURCE").replace(*rename),
+        ".cpp",
+        native_build.cxx_compilers(),
+        [flags + native_build.torch_flags()],
+        (torch.__version__,),
+    )
+    attn = cpu_attention._build("llama_hf_attention_rev", source_at(rev, attention).replace(*rename))
+    if None in (kernel, glue, attn):
+        raise SystemExit(f"the kernels at {rev!r} did not build")
+    k = ctypes.CDLL(str(kernel))
+    torch.ops.load_library(str(glue))
+    ctypes.CDLL(str(glue)).llama_hf_set_kernels(
+        ctypes.c_void_p(ctypes.cast(k.llama_small_batch_linear, ctypes.c_void_p).value),
+        ctypes.c_void_p(ctypes.cast(k.llama_small_batch_linear_bf16, ctypes.c_void_p).value),
+    )
+    torch.ops.load_library(str(attn))
+
+    def attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+        if query.shape[2] == 1:
+            return torch.ops.llama_hf_rev.decode_attention(query, key, value, attention_mask, scaling), None
+        return cpu_attention.eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout)
+
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
+
+    cpu_attention.ALL_ATTENTION_FUNCTIONS.register(REV_ATTENTION, attention_forward)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(REV_ATTENTION, eager_mask)
+    fast = subprocess.run(
+        ["git", "show", f"{rev}:modeling_llama/fast_decode.py"],
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+    ).stdout
+    return '"size_asserts": False' in fast
+
+
+def _rev_op_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    if torch.compiler.is_compiling():
+        return torch.ops.llama_hf_rev.small_batch_linear(x, self.weight)
     return fast_decode._eager_linear(self, x)
 
 
@@ -68,6 +145,7 @@ def main() -> int:
     p.add_argument("--new_tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=12, help="rounds of one timed run per decoder, order rotating")
     p.add_argument("--out", default="benchmarks/results/cpu-avx2", help="folder for decode_step_parts.{json,md}")
+    p.add_argument("--against", metavar="REV", help="add a decoder running the CPU kernels of this git revision")
     args = p.parse_args()
     if not (cpu_linear.native() and cpu_attention.available()):
         print("the C++ kernels cannot be built here (no C++ compiler or torch headers): nothing to compare")
@@ -83,9 +161,13 @@ def main() -> int:
 
     model, _ = _twins(args.preset)
     names = ["all", "eager attention", "op in Python", "C++ wrapper", "4 KB pages"]
+    rev = f"kernels at {args.against}" if args.against else None
+    if rev:
+        rev_without_asserts = kernels_at(args.against)
+        names.append(rev)
     models = {name: model if name == "all" else copy.deepcopy(model) for name in names}
     max_length = args.prompt + args.new_tokens + 1
-    attn = {"eager attention": "eager"}  # the step's attention left to inductor
+    attn = {"eager attention": "eager", rev: REV_ATTENTION}  # (eager: the step's attention left to inductor)
     decoders = {
         name: FastDecoder(
             m,
@@ -100,11 +182,22 @@ def main() -> int:
     for module in models["op in Python"].modules():
         if isinstance(module, torch.nn.Linear):
             module.forward = _python_op_forward.__get__(module)
+    if rev:
+        for module in models[rev].modules():
+            if isinstance(module, torch.nn.Linear):
+                module.forward = _rev_op_forward.__get__(module)
+        if not rev_without_asserts:
+            decoders[rev]._compile_kwargs["options"].pop("size_asserts", None)
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, model.config.vocab_size, (args.batch, args.prompt), generator=g)
     tokens = {name: dec.generate(prompt, args.new_tokens + 1) for name, dec in decoders.items()}  # compiles
+    # the same kernels in another wrapper or memory: the same tokens. Another attention (in bf16: inductor's math
+    # rounds its scores and weights to bf16) or another revision's kernels: reported
+    reported = {rev} | ({"eager attention"} if decoders["all"].dtype == torch.bfloat16 else set())
     for name in decoders:
-        assert torch.equal(tokens[name], tokens["all"]), f"{name} gave other tokens than all"
+        if name not in reported:
+            assert torch.equal(tokens[name], tokens["all"]), f"{name} gave other tokens than all"
+    same = {n: round(float((tokens[n] == tokens["all"]).float().mean()), 3) for n in sorted(reported - {None})}
 
     steps = {name: [] for name in names}
     for i in range(args.rounds):
@@ -125,6 +218,8 @@ def main() -> int:
         "step_ms": {k: [round(v, 3) for v in vs] for k, vs in steps.items()},
         "step_ms_median": {k: round(statistics.median(v), 3) for k, v in steps.items()},
         "step_over_all_median_of_rounds": {k: round(v, 4) for k, v in ratios.items()},
+        "dtype": str(decoders["all"].dtype),
+        "tokens_equal_to_all": same,
     }  # fmt: skip
     md = (
         f"| batch {args.batch}, `{args.preset}`, prompt {args.prompt} + {args.new_tokens} new, {args.rounds} rounds "
@@ -133,7 +228,12 @@ def main() -> int:
         + f"\nOne call of the product op on a tiny product (best of 3): C++ {min(costs['cpp']):.1f} µs, "
         f"Python {min(costs['python']):.1f} µs.\n"
     )
-    write_results(args.out, "decode_step_parts", result, md)
+    md += f"\n({decoders['all'].dtype}.)" + "".join(
+        f" `{n}`: its tokens equal `all`'s at {v:.0%} of positions." for n, v in same.items()
+    )
+    md += "\n"
+    stem = "decode_step_parts" + (f"_against_{args.against}" if args.against else "")
+    write_results(args.out, stem, result, md)
     return 0
 
 
