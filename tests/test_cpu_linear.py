@@ -57,15 +57,18 @@ from modeling_llama import cpu_linear
 g = torch.Generator().manual_seed(5)
 x, w = torch.randn(8, 64, generator=g), torch.randn(48, 64, generator=g)
 cpu = next(l for l in torch._C._dispatch_dump(cpu_linear._OP).splitlines() if l.startswith("CPU:"))
+xb, wb = x.bfloat16(), w.bfloat16()  # bf16: the kernel's bf16 rows in, bf16 out, within a rounding of the product
+yb, ref = cpu_linear.small_batch_linear(xb, wb), xb.double() @ wb.double().t()
 print(json.dumps({"native": cpu_linear.native(), "available": cpu_linear.available(), "python": "cpu_linear.py" in cpu,
-                  "close": torch.allclose(cpu_linear.small_batch_linear(x, w), x @ w.t(), rtol=1e-5, atol=1e-5)}))
+                  "close": torch.allclose(cpu_linear.small_batch_linear(x, w), x @ w.t(), rtol=1e-5, atol=1e-5),
+                  "bf16": yb.dtype == torch.bfloat16 and bool(((yb.double() - ref).abs() <= 2**-8 * ref.abs()).all())}))
 """
     base = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     broken = {**base, "XDG_CACHE_HOME": str(tmp_path / "broken"), "CXX": shutil.which("false") or "/bin/false"}
     asked = {**base, "XDG_CACHE_HOME": str(tmp_path / "asked"), cpu_linear.ENV_VAR: "python"}
     for env in (broken, asked):
         assert run_python_json(code, cwd=REPO_ROOT, env=env) == {
-            "native": False, "available": True, "python": True, "close": True
+            "native": False, "available": True, "python": True, "close": True, "bf16": True
         }  # fmt: skip
     assert not any(tmp_path.rglob("llama_hf_ops-*.so"))  # the C kernel was built, not the glue
 
