@@ -1,7 +1,7 @@
 """``cpu_linear``'s kernel taking one weight row at a time against two (both loading each piece of the input rows
 once per pass), side by side in one process, on the products of one decode step.
 
-The kernel is built three times from its own source (through ``native_build``, cached like the module's),
+The kernel is built three times from its own source (as the module builds it, ``cpu_linear._build_kernel``),
 differing only in ``PAIR_MIN_K``, the K from which it takes two weight rows at a time: never, the default (4,096),
 and always. Each build runs the same sequences of products (weights far larger than any cache, read in a step's
 order), the builds alternating round by round; every build's result is asserted equal to ``F.linear``'s. Reports
@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 from bench_cpu import run_meta, source_at, write_results  # noqa: E402
 
-from modeling_llama import cpu_linear, native_build  # noqa: E402
+from modeling_llama import cpu_linear  # noqa: E402
 
 BUILDS = {"one row": 1 << 62, "default": None, "two rows": 0}  # PAIR_MIN_K (None: the source's own)
 
@@ -55,8 +55,7 @@ def _build(builds: dict[str, tuple[str, list[str]]], dtype: torch.dtype = torch.
     entry = "llama_small_batch_linear" + ("_bf16" if dtype == torch.bfloat16 else "")
     for name, (source, defines) in builds.items():
         stem = "llama_small_batch_linear_bench"
-        flags = cpu_linear._FLAGS + cpu_linear._vendor_defines() + defines
-        lib = native_build.build(stem, source, ".c", native_build.c_compilers(), [flags])
+        lib = cpu_linear._build_kernel(stem, source, defines)
         if lib is None:
             raise SystemExit("no C compiler ($CC, cc, gcc, clang) built the kernel: nothing to compare")
         so = ctypes.CDLL(str(lib))

@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 from bench_cpu import _twins, run_meta, source_at, write_results  # noqa: E402
 
-from modeling_llama import FastDecoder, cpu_attention, cpu_linear, fast_decode, native_build  # noqa: E402
+from modeling_llama import FastDecoder, cpu_attention, cpu_linear, fast_decode  # noqa: E402
 
 _LIB = torch.library.Library("llama_hf_bench", "DEF")
 _LIB.define("small_batch_linear_python(Tensor x, Tensor weight) -> Tensor")
@@ -75,22 +75,8 @@ def kernels_at(rev: str) -> bool:
     torch.library.register_fake("llama_hf_rev::decode_attention", cpu_attention._fake, lib=_REV_LIB)
     linear, attention = "modeling_llama/cpu_linear.py", "modeling_llama/cpu_attention.py"
     rename = ("TORCH_LIBRARY_IMPL(llama_hf,", "TORCH_LIBRARY_IMPL(llama_hf_rev,")
-    kernel = native_build.build(
-        "llama_small_batch_linear_rev",
-        source_at(rev, linear),
-        ".c",
-        native_build.c_compilers(),
-        [cpu_linear._FLAGS + cpu_linear._vendor_defines()],
-    )
-    flags = ["-std=c++17", "-O2", "-shared", "-fPIC", "-w", f"-DMAX_ROWS={cpu_linear.MAX_ROWS}"]
-    glue = native_build.build(
-        "llama_hf_ops_rev",
-        source_at(rev, linear, "_NATIVE_SOURCE").replace(*rename),
-        ".cpp",
-        native_build.cxx_compilers(),
-        [flags + native_build.torch_flags()],
-        (torch.__version__,),
-    )
+    kernel = cpu_linear._build_kernel("llama_small_batch_linear_rev", source_at(rev, linear))
+    glue = cpu_linear._build_glue("llama_hf_ops_rev", source_at(rev, linear, "_NATIVE_SOURCE").replace(*rename))
     attn = cpu_attention._build("llama_hf_attention_rev", source_at(rev, attention).replace(*rename))
     if None in (kernel, glue, attn):
         raise SystemExit(f"the kernels at {rev!r} did not build")

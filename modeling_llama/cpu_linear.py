@@ -227,9 +227,7 @@ int NAME(const float* x, int64_t M, const WT* w, int64_t N, int64_t K, float* y)
     if (M < 1) return -1;                                                                                   \
     _Pragma("omp parallel")                                                                                 \
     {                                                                                                       \
-        int64_t nt = 1, t = 0;  /* built without OpenMP: one thread */                                     \
-        THREADS(nt, t);                                                                                     \
-        const int64_t per = (N + nt - 1) / nt, n0 = t * per, n1 = n0 + per < N ? n0 + per : N;              \
+        COLUMNS(N, n0, n1);                                                                                 \
         for (int64_t n = n0; n < n1;) {                                                                     \
             const int pair = n + 1 < n1;                                                                    \
             for (int64_t m = 0; m < M; m += 8) {                                                            \
@@ -250,6 +248,11 @@ int NAME(const float* x, int64_t M, const WT* w, int64_t N, int64_t K, float* y)
 #else
 #define THREADS(nt, t) ((void)0)
 #endif
+/* this thread's share [n0, n1) of the N output columns, inside a parallel region (built without OpenMP: all) */
+#define COLUMNS(N, n0, n1)                                                                                  \
+    int64_t nt = 1, t = 0;                                                                                  \
+    THREADS(nt, t);                                                                                         \
+    const int64_t per = (N + nt - 1) / nt, n0 = t * per, n1 = n0 + per < N ? n0 + per : N
 DEFINE_ENTRY(llama_small_batch_linear, float, F32, F32X2)
 #if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512F__)
 /* bf16 weights on a CPU with bf16 dot products (AVX512-BF16: Intel Cooper Lake, Sapphire Rapids and later; AMD Zen
@@ -303,9 +306,7 @@ int llama_small_batch_linear_bf16(const uint16_t* x, int64_t M, const uint16_t* 
     if (M < 1) return -1;
     _Pragma("omp parallel")
     {
-        int64_t nt = 1, t = 0;
-        THREADS(nt, t);
-        const int64_t per = (N + nt - 1) / nt, n0 = t * per, n1 = n0 + per < N ? n0 + per : N;
+        COLUMNS(N, n0, n1);
         for (int64_t n = n0; n < n1; n++)
             for (int64_t m = 0; m < M; m += 8)
                 DOT[M - m < 8 ? M - m : 8](x + m * K, w + n * K, K, y + m * N + n, N);
@@ -397,9 +398,14 @@ def library_path() -> Path | None:
     """The compiled kernel (a shared object), built on first use with ``$CC``/``cc``/``gcc``/``clang`` and cached
     under ``$XDG_CACHE_HOME/llama-hf`` (the temp directory if that is not writable); ``None`` where no compiler is
     found or the build fails."""
-    tuned = _vendor_defines()
-    flag_sets = [_FLAGS + tuned, _FLAGS_NO_OPENMP + tuned]
-    return _build("llama_small_batch_linear", _SOURCE, ".c", c_compilers(), flag_sets)
+    return _build_kernel("llama_small_batch_linear", _SOURCE)
+
+
+def _build_kernel(stem: str, source: str, defines: tuple = ()) -> Path | None:
+    """``source`` (this module's kernel, or another version of it: the kernel benchmarks' ``--against``) built as
+    :func:`library_path` builds it, with this CPU vendor's defines and any ``defines`` more."""
+    tuned = [*_vendor_defines(), *defines]
+    return _build(stem, source, ".c", c_compilers(), [_FLAGS + tuned, _FLAGS_NO_OPENMP + tuned])
 
 
 @functools.cache
@@ -447,14 +453,19 @@ def native_library_path(build: bool = True) -> Path | None:
     ``$CXX``/``c++``/``g++``/``clang++`` and cached like :func:`library_path` (per torch version); ``None`` where
     no C++ compiler or no torch headers are found or the build fails (the op then stays in Python), and with
     ``build=False`` where it has not been built yet."""
+    return _build_glue("llama_hf_ops", _NATIVE_SOURCE, build)
+
+
+def _build_glue(stem: str, source: str, build: bool = True) -> Path | None:
+    """``source`` (the op's C++ implementation, or another version of it) built as :func:`native_library_path`
+    builds it."""
     flags = torch_flags()
     if flags is None:
         return None
     common = ["-O2", "-shared", "-fPIC", "-w", f"-DMAX_ROWS={MAX_ROWS}", *flags]
     flag_sets = [["-std=c++20", *common], ["-std=c++17", *common]]
-    compilers = cxx_compilers()
     key = (torch.__version__,)
-    return _build("llama_hf_ops", _NATIVE_SOURCE, ".cpp", compilers, flag_sets, key, cached_only=not build)
+    return _build(stem, source, ".cpp", cxx_compilers(), flag_sets, key, cached_only=not build)
 
 
 _ENTRIES = {torch.float32: "llama_small_batch_linear", torch.bfloat16: "llama_small_batch_linear_bf16"}
