@@ -732,18 +732,22 @@ def write_results(out: str | Path, stem: str, result: dict, md: str) -> None:
     print(md)
 
 
-def source_at(rev: str, path: str, name: str = "_SOURCE") -> str:
-    """A kernel's source (the string ``name``, ``_SOURCE`` by default, of the module at ``path``, e.g.
-    ``modeling_llama/cpu_linear.py``) at git revision ``rev``: what ``--against REV`` of the kernel benchmarks builds
-    beside this tree's."""
+def file_at(rev: str, path: str) -> str:
+    """The text of the repository's file ``path`` at git revision ``rev``."""
     root = Path(__file__).resolve().parent.parent
     try:
-        text = subprocess.run(
+        return subprocess.run(
             ["git", "show", f"{rev}:{path}"], cwd=root, capture_output=True, text=True, check=True
         ).stdout
     except (OSError, subprocess.CalledProcessError) as e:
         raise SystemExit(f"cannot read {path} at {rev!r} with git: {e}") from None
-    for node in ast.parse(text).body:
+
+
+def source_at(rev: str, path: str, name: str = "_SOURCE") -> str:
+    """A kernel's source (the string ``name``, ``_SOURCE`` by default, of the module at ``path``, e.g.
+    ``modeling_llama/cpu_linear.py``) at git revision ``rev``: what ``--against REV`` of the kernel benchmarks builds
+    beside this tree's."""
+    for node in ast.parse(file_at(rev, path)).body:
         if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == name for t in node.targets):
             return ast.literal_eval(node.value)
     raise SystemExit(f"{path} at {rev!r} has no {name}")

@@ -48,12 +48,14 @@ def _sdpa(q, k, v, mask, scale):
 
 
 def kernel_at(rev: str):
-    """``cpu_attention``'s kernel as it was at git revision ``rev``, as the op ``llama_hf_rev::decode_attention``."""
+    """``cpu_attention``'s kernel as it was at git revision ``rev``, as the op ``llama_hf_rev::decode_attention``
+    (with its fake, so a compiled step can call it)."""
     src = source_at(rev, "modeling_llama/cpu_attention.py")
     src = src.replace("TORCH_LIBRARY_IMPL(llama_hf,", "TORCH_LIBRARY_IMPL(llama_hf_rev,")
-    global _REV_LIB
-    _REV_LIB = torch.library.Library("llama_hf_rev", "DEF")
-    _REV_LIB.define("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor")
+    lib = torch.library.Library("llama_hf_rev", "FRAGMENT")
+    lib.define("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor")
+    torch.library.register_fake("llama_hf_rev::decode_attention", cpu_attention._fake, lib=lib)
+    _REV_LIBS.append(lib)  # (the registrations live as long as the Library)
     path = cpu_attention._build("llama_hf_attention_rev", src)
     if path is None:
         raise SystemExit(f"the kernel at {rev!r} did not build")
@@ -61,7 +63,7 @@ def kernel_at(rev: str):
     return torch.ops.llama_hf_rev.decode_attention
 
 
-_REV_LIB = None
+_REV_LIBS: list = []
 
 
 def bench_case(

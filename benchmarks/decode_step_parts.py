@@ -33,7 +33,6 @@ import argparse
 import copy
 import ctypes
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -42,7 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from bench_cpu import _twins, run_meta, source_at, write_results  # noqa: E402
+from bench_cpu import _twins, file_at, run_meta, source_at, write_results  # noqa: E402
+from decode_attention import kernel_at as attention_kernel_at  # noqa: E402
 
 from modeling_llama import FastDecoder, cpu_attention, cpu_linear, fast_decode  # noqa: E402
 
@@ -64,21 +64,18 @@ _REV_LIB = None
 
 def kernels_at(rev: str) -> bool:
     """Build ``cpu_linear``'s kernel and glue and ``cpu_attention``'s kernel from git revision ``rev`` as the ops
-    ``llama_hf_rev::small_batch_linear`` and ``llama_hf_rev::decode_attention``, and register the attention
-    implementation :data:`REV_ATTENTION` that calls the latter. Returns whether ``rev`` compiled the step without
-    size asserts (this tree's ``FastDecoder`` does since 2026-12-01)."""
+    ``llama_hf_rev::small_batch_linear`` and ``llama_hf_rev::decode_attention`` (``decode_attention.kernel_at``),
+    and register the attention implementation :data:`REV_ATTENTION` that calls the latter. Returns whether ``rev``
+    compiled the step without size asserts (this tree's ``FastDecoder`` does since 2026-12-01)."""
     global _REV_LIB
-    _REV_LIB = torch.library.Library("llama_hf_rev", "DEF")
+    _REV_LIB = torch.library.Library("llama_hf_rev", "FRAGMENT")
     _REV_LIB.define("small_batch_linear(Tensor x, Tensor weight) -> Tensor")
     torch.library.register_fake("llama_hf_rev::small_batch_linear", cpu_linear._fake, lib=_REV_LIB)
-    _REV_LIB.define("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor")
-    torch.library.register_fake("llama_hf_rev::decode_attention", cpu_attention._fake, lib=_REV_LIB)
-    linear, attention = "modeling_llama/cpu_linear.py", "modeling_llama/cpu_attention.py"
+    linear = "modeling_llama/cpu_linear.py"
     rename = ("TORCH_LIBRARY_IMPL(llama_hf,", "TORCH_LIBRARY_IMPL(llama_hf_rev,")
     kernel = cpu_linear._build_kernel("llama_small_batch_linear_rev", source_at(rev, linear))
     glue = cpu_linear._build_glue("llama_hf_ops_rev", source_at(rev, linear, "_NATIVE_SOURCE").replace(*rename))
-    attn = cpu_attention._build("llama_hf_attention_rev", source_at(rev, attention).replace(*rename))
-    if None in (kernel, glue, attn):
+    if None in (kernel, glue):
         raise SystemExit(f"the kernels at {rev!r} did not build")
     k = ctypes.CDLL(str(kernel))
     torch.ops.load_library(str(glue))
@@ -86,24 +83,18 @@ def kernels_at(rev: str) -> bool:
         ctypes.c_void_p(ctypes.cast(k.llama_small_batch_linear, ctypes.c_void_p).value),
         ctypes.c_void_p(ctypes.cast(k.llama_small_batch_linear_bf16, ctypes.c_void_p).value),
     )
-    torch.ops.load_library(str(attn))
+    attention_op = attention_kernel_at(rev)
 
     def attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
         if query.shape[2] == 1:
-            return torch.ops.llama_hf_rev.decode_attention(query, key, value, attention_mask, scaling), None
+            return attention_op(query, key, value, attention_mask, scaling), None
         return cpu_attention.eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout)
 
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
 
     cpu_attention.ALL_ATTENTION_FUNCTIONS.register(REV_ATTENTION, attention_forward)
     ALL_MASK_ATTENTION_FUNCTIONS.register(REV_ATTENTION, eager_mask)
-    fast = subprocess.run(
-        ["git", "show", f"{rev}:modeling_llama/fast_decode.py"],
-        cwd=Path(__file__).resolve().parent.parent,
-        capture_output=True,
-        text=True,
-    ).stdout
-    return '"size_asserts": False' in fast
+    return '"size_asserts": False' in file_at(rev, "modeling_llama/fast_decode.py")
 
 
 def _rev_op_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
