@@ -127,18 +127,27 @@ def test_shapes_views_and_threads():
         assert torch.equal(one, many) and torch.equal(alone, many[:, :5])
 
 
-@pytest.mark.skipif(not has_cc, reason="no C compiler")
-def test_build_without_openmp_is_single_threaded_and_right(tmp_path):
-    # what library_path() falls back to where the compiler has no OpenMP
+def _compiled(tmp_path, name: str, flags: list[str]):
+    """The kernel's source compiled here with exactly ``flags`` (not the module's cached build), its two entries
+    typed."""
     import ctypes
     import subprocess
 
     cc = next(shutil.which(c) for c in (os.environ.get("CC"), "cc", "gcc", "clang") if c and shutil.which(c))
-    src, lib = tmp_path / "k.c", tmp_path / "k.so"
+    src, lib = tmp_path / f"{name}.c", tmp_path / f"{name}.so"
     src.write_text(cpu_linear._SOURCE)
-    subprocess.run([cc, *cpu_linear._FLAGS_NO_OPENMP, "-o", str(lib), str(src)], check=True, capture_output=True)
-    fn = ctypes.CDLL(str(lib)).llama_small_batch_linear
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    subprocess.run([cc, *flags, "-o", str(lib), str(src)], check=True, capture_output=True)
+    so = ctypes.CDLL(str(lib))
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    for entry in (so.llama_small_batch_linear, so.llama_small_batch_linear_bf16):
+        entry.argtypes = [ptr, i64, ptr, i64, i64, ptr]  # x, M, w, N, K, y
+    return so
+
+
+@pytest.mark.skipif(not has_cc, reason="no C compiler")
+def test_build_without_openmp_is_single_threaded_and_right(tmp_path):
+    # what library_path() falls back to where the compiler has no OpenMP
+    fn = _compiled(tmp_path, "k", cpu_linear._FLAGS_NO_OPENMP).llama_small_batch_linear
     g = torch.Generator().manual_seed(3)
     x, w, y = torch.randn(11, 45, generator=g), torch.randn(70, 45, generator=g), torch.full((11, 70), float("nan"))
     assert fn(x.data_ptr(), 11, w.data_ptr(), 70, 45, y.data_ptr()) == 0
@@ -153,25 +162,13 @@ def test_bf16_entry_rounds_its_float32_sums_as_torch_does(tmp_path):
     CPU builds), its float32 sums are the fp32 entry's on the widened values, so its outputs must be exactly those
     sums rounded by torch; built as this CPU builds it (the dot-product form where there is one), within one bf16
     rounding of the float64 product. NaN and infinity pass through."""
-    import ctypes
-    import subprocess
-
-    cc = next(shutil.which(c) for c in (os.environ.get("CC"), "cc", "gcc", "clang") if c and shutil.which(c))
-    src = tmp_path / "k.c"
-    src.write_text(cpu_linear._SOURCE)
     entries = {}
     builds = [("widening", ["-mno-avx512bf16"]), ("native", [])]
     if {"avx2", "fma"} <= set(cpu_linear.cpu_signature().split()):  # and as an AVX2 CPU builds it, where it runs
         builds.append(("avx2", ["-march=haswell"]))
     for name, extra in builds:
-        lib = tmp_path / f"{name}.so"
-        flags = [*cpu_linear._FLAGS, *cpu_linear._vendor_defines(), *extra]
-        subprocess.run([cc, *flags, "-o", str(lib), str(src)], check=True, capture_output=True)
-        so = ctypes.CDLL(str(lib))
+        so = _compiled(tmp_path, name, [*cpu_linear._FLAGS, *cpu_linear._vendor_defines(), *extra])
         assert so.llama_small_batch_linear_bf16_io() == 1
-        for entry in ("llama_small_batch_linear", "llama_small_batch_linear_bf16"):
-            i64, ptr = ctypes.c_int64, ctypes.c_void_p
-            getattr(so, entry).argtypes = [ptr, i64, ptr, i64, i64, ptr]  # x, M, w, N, K, y
         entries[name] = so
     assert not any(so.llama_small_batch_linear_forms() & 1 for name, so in entries.items() if name != "native")
     g = torch.Generator().manual_seed(7)
