@@ -147,8 +147,8 @@ static void attend(const T* q, int64_t sqb, int64_t sqh, const T* k, int64_t skb
                 for (; n < S; n++) pos[n] = n;
             // scores, one key row at a time, each read in order; the row PF ahead prefetched whole (a head's rows
             // are short streams: 18% faster from memory), the first key and value rows before the keys are read.
-            // (Eight keys at a time, each piece of q loaded once for all eight, reads eight rows interleaved: 0.89x-
-            // 0.97x the speed on Zen 3 in fp32 and bf16, 2026-12-01.)
+            // (Eight keys at a time, each piece of q loaded once for all eight, reads eight rows interleaved: 0.91x-
+            // 0.99x the speed of this form on Zen 3 in fp32 and bf16, 2026-12-01.)
             for (int64_t i = 0; i < n && i < PF; i++) {
                 prefetch_row(kb + pos[i] * sks, D * sizeof(T));
                 prefetch_row(vb + pos[i] * svs, D * sizeof(T));
