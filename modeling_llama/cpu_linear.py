@@ -49,7 +49,16 @@ from torch import nn
 
 # (`from .x import`: the form transformers follows to copy a model's files for trust_remote_code)
 from .native_build import build as _build
-from .native_build import c_compilers, cpu_signature, cxx_compilers, define_op, disabled, torch_flags
+from .native_build import (
+    c_compilers,
+    cpu_signature,
+    cxx_compilers,
+    define_op,
+    disabled,
+    drop_python_kernel,
+    register_python_kernel,
+    torch_flags,
+)
 
 __all__ = [
     "small_batch_linear",
@@ -501,21 +510,22 @@ def _load_native(kernels: dict, build: bool) -> None:
     """Replace the op's Python CPU implementation by the C++ one (with ``build``, built if need be: ~12-15 s, once
     per machine and torch version); on any failure, or where it is not built and ``build`` is false, the Python
     one stays."""
-    global _native, _python_impl
+    global _native
     if _native or not kernels or os.environ.get(ENV_VAR, "").strip().lower() == "python":
         return
     path = native_library_path(build=build)
     if path is None:
         return
-    _python_impl = None  # unregisters the Python kernel: loading the library registers the C++ one for CPU
+    # Unregister the Python kernel (this copy's or another copy's of this module): loading the library registers
+    # the C++ one for CPU.
+    drop_python_kernel("small_batch_linear")
     try:
         torch.ops.load_library(str(path))
         ctypes.CDLL(str(path)).llama_hf_set_kernels(
             *(ctypes.c_void_p(ctypes.cast(kernels[dtype], ctypes.c_void_p).value) for dtype in _ENTRIES)
         )
     except (OSError, AttributeError, RuntimeError):
-        if not torch._C._dispatch_has_kernel_for_dispatch_key(_OP, "CPU"):
-            _register_python_impl()
+        register_python_kernel("small_batch_linear", _small_batch_linear)  # (where none is registered)
         return
     _native = True
 
@@ -566,19 +576,9 @@ def _fake(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 _OP = "llama_hf::small_batch_linear"
 _LIB = define_op("small_batch_linear(Tensor x, Tensor weight) -> Tensor", _fake)  # and its fake
 
-# The Python CPU implementation, registered by a Library of its own: dropping it unregisters the kernel, which
-# _load_native does before loading the C++ one.
-_python_impl: torch.library.Library | None = None
-
-
-def _register_python_impl() -> None:
-    global _python_impl
-    _python_impl = torch.library.Library("llama_hf", "IMPL")
-    _python_impl.impl("small_batch_linear", _small_batch_linear, "CPU")
-
-
-if not torch._C._dispatch_has_kernel_for_dispatch_key(_OP, "CPU"):  # (a reload after the C++ one loaded: keep it)
-    _register_python_impl()
+# The Python CPU implementation, until _load_native replaces it by the C++ one; registered once a process, whichever
+# copy of this module comes first (a reload, or trust_remote_code's copy, finds a kernel there and keeps it).
+register_python_kernel("small_batch_linear", _small_batch_linear)
 
 
 def small_batch_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

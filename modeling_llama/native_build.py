@@ -13,7 +13,9 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
+import types
 from pathlib import Path
 
 import torch
@@ -37,6 +39,37 @@ def define_op(schema: str, fake) -> torch.library.Library:
         lib.define(schema)
         torch.library.register_fake(qualname, fake, lib=lib)
     return lib
+
+
+# The dispatcher is process-wide, and one process may hold several copies of these modules: the installed package
+# and each copy that ``trust_remote_code`` imports from a Hub folder (``transformers_modules.<folder>...``). What a
+# copy registers with the dispatcher is therefore kept where every copy finds it: a module of its own in sys.modules.
+_SHARED = "_llama_hf_dispatcher_registrations"
+
+
+def _python_kernels() -> dict:
+    """{op name: the Library that holds its Python CPU kernel}, shared by every copy of the package."""
+    holder = sys.modules.get(_SHARED)
+    if holder is None:
+        fresh = types.ModuleType(_SHARED, "Python kernels registered by modeling_llama (any copy of it)")
+        fresh.python_kernels = {}
+        holder = sys.modules.setdefault(_SHARED, fresh)
+    return holder.python_kernels
+
+
+def register_python_kernel(name: str, fn) -> None:
+    """Register ``fn`` as ``llama_hf::<name>``'s CPU kernel, unless the op has a CPU kernel already (this copy's or
+    another copy's, Python or C++): registering a second one makes torch warn that it overrides the first."""
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("llama_hf::" + name, "CPU"):
+        lib = torch.library.Library("llama_hf", "IMPL")
+        lib.impl(name, fn, "CPU")
+        _python_kernels()[name] = lib
+
+
+def drop_python_kernel(name: str) -> None:
+    """Unregister ``llama_hf::<name>``'s Python CPU kernel, whichever copy registered it (before loading a library
+    whose static initialiser registers the C++ one for CPU)."""
+    _python_kernels().pop(name, None)  # the Library's last reference: its finalizer unregisters the kernel
 
 
 def c_compilers() -> tuple:

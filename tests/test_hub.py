@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import textwrap
 
 import pytest
@@ -124,6 +126,65 @@ def test_trust_remote_code_in_a_process_where_the_project_is_not_installed(folde
         expected = model(ids).logits[0, -1, :50]
     torch.testing.assert_close(torch.tensor(result["logits"]), expected, rtol=1e-5, atol=1e-5)
     assert result["gen"] == model.generate(ids, max_new_tokens=5, do_sample=False)[0].tolist()
+
+
+TWO_COPIES_SCRIPT = textwrap.dedent(
+    """
+    import json, sys, warnings
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    warnings.simplefilter("always")
+    path, order = sys.argv[1], sys.argv[2]
+    with warnings.catch_warnings(record=True) as caught:
+        if order == "installed first":
+            from modeling_llama import cpu_linear as installed
+        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval()
+        (copy,) = [m for k, m in sys.modules.items()
+                   if k.startswith("transformers_modules.") and k.endswith(".cpu_linear")]
+        if order != "installed first":
+            from modeling_llama import cpu_linear as installed
+        first, second = (installed, copy) if order == "installed first" else (copy, installed)
+        torch.manual_seed(0)
+        x, w = torch.randn(3, 64), torch.randn(40, 64)
+        # the copy imported second (which found the first's Python kernel registered) loads the C++ one first
+        native = [second.native(), first.native()]
+        errors = [(m.small_batch_linear(x, w) - x @ w.T).abs().max().item() for m in (first, second)]
+        cpu_kernel = next(line for line in torch._C._dispatch_dump(copy._OP).splitlines() if line.startswith("CPU:"))
+        with torch.no_grad():
+            out = model.generate(torch.tensor([[1, 15043, 3186]]), max_new_tokens=4, do_sample=False)
+    print(json.dumps({"warnings": [str(c.message) for c in caught], "native": native, "errors": errors,
+                      "cpu_kernel": cpu_kernel, "gen": out[0].tolist()}))
+    """
+)
+
+
+@pytest.mark.parametrize("order", ["installed first", "trust_remote_code copy first"])
+def test_the_installed_package_and_a_trust_remote_code_copy_share_the_few_row_op(folder, tmp_path, order):
+    """One process may hold the installed package and the copy trust_remote_code imports from a Hub folder: both
+    use the one ``llama_hf::small_batch_linear`` op, so neither may register a second CPU kernel over the other's
+    (torch then warns that it overrides one), and either copy moves the op to the C++ kernel, whichever registered the
+    Python one; both compute the product."""
+    path, model = folder
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", TWO_COPIES_SCRIPT, str(path), order],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "registered kernel" not in proc.stderr, proc.stderr[-3000:]
+    assert not [w for w in result["warnings"] if "registered kernel" in w or "Overriding" in w], result["warnings"]
+    assert max(result["errors"]) < 1e-4, result["errors"]
+    assert result["native"][0] == result["native"][1]  # the same library, whichever copy loads it
+    if result["native"][0]:
+        assert "native_build.py" not in result["cpu_kernel"], result["cpu_kernel"]  # the C++ kernel, not Python's
+    ids = torch.tensor([[1, 15043, 3186]])
+    assert result["gen"] == model.generate(ids, max_new_tokens=4, do_sample=False)[0].tolist()
 
 
 def test_stock_saved_folder_loads_into_our_classes(tmp_path):
