@@ -41,7 +41,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
             scale = valid.float() / divisor  # (N,)
             need_h, need_w = ctx.needs_input_grad[:2]  # both False under no_grad: the loss alone
             grad_h = torch.empty_like(h) if need_h else None  # (N, D)
-            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+            # the first chunk writes the weight's gradient, the others add to it: no pass to zero 98 MB first
+            # (zeros only for an empty batch, which has no first chunk)
+            new_w = torch.zeros if n == 0 else torch.empty
+            grad_w = new_w(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
             loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
             chunk = max(1, min(n, _CHUNK_LOGITS // vocab))
             buf = torch.empty(chunk, vocab, dtype=torch.float32, device=hidden.device)  # reused by every chunk
@@ -68,10 +71,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 g = z if low is None else low[:c].copy_(z)
                 if need_h:
                     torch.mm(g, w, out=grad_h[start:end])  # (C, D)
-                if need_w and low is None:
+                if need_w and low is None and start == 0:
+                    torch.mm(g.T, hc, out=grad_w)  # (V, D)
+                elif need_w and low is None:
                     grad_w.addmm_(g.T, hc)  # (V, D), in place
+                elif need_w and start == 0:
+                    grad_w.copy_(g.T @ hc)  # product in the compute dtype, accumulated in float32
                 elif need_w:
-                    grad_w.add_(g.T @ hc)  # product in the compute dtype, accumulated in float32
+                    grad_w.add_(g.T @ hc)
             ctx.save_for_backward(grad_h, grad_w)
             ctx.dtypes = (hidden.dtype, weight.dtype)
             return loss / divisor

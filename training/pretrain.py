@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from training import mkl_amd
+from training import malloc_keep, mkl_amd
 from training.config import ConfigError, config_to_dict, dump_yaml, parse_config
 
 __all__ = ["PretrainConfig", "resolve_batch", "setup", "fit", "main"]
@@ -445,6 +445,9 @@ def setup(cfg: PretrainConfig) -> Trainer:
         model, optimizer = accelerator.prepare(model, optimizer)
     scheduler = build_scheduler(optimizer, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio, cfg.lr_scheduler_type)
 
+    if accelerator.device.type == "cpu":
+        malloc_keep.keep_freed_memory()  # every step reuses the last one's pages instead of faulting in new ones
+
     state = TrainState()
     trainer = Trainer(
         cfg,
@@ -497,6 +500,7 @@ def setup(cfg: PretrainConfig) -> Trainer:
                 if accelerator.device.type == "cpu" and mkl_amd.cpu_vendor() == "AuthenticAMD"
                 else ""
             )
+            + (f", malloc keeps freed memory: {malloc_keep.state()}" if accelerator.device.type == "cpu" else "")
             + (f"; resumed from {resume} at step {trainer.state.step}" if resume else ""),
         )
     return trainer
