@@ -14,6 +14,11 @@ there) with this tree's instead, both with their own defaults, and writes ``cpu_
 Every build gets the flags the module adds for this CPU's vendor (the prefetch hint: ``cpu_linear._vendor_defines``;
 a source that predates them ignores them). ``--dtype bfloat16`` times the bf16 entry (bf16 weights; the suffix
 ``_bf16`` on the file names), ``--torch`` adds torch's ``F.linear`` on the same weights as a column.
+
+With ``--prefetch`` it compares the kernel's software-prefetch forms instead (``cpu_linear_prefetch.{json,md}``):
+the non-temporal hint with no prefetch in the one-row form (what non-Intel CPUs build), the T0 hint with the one-row
+form prefetching too (what Intel CPUs build), and the T1 hint with both; each build names both defines, so the
+vendor's own do not decide.
 """
 
 from __future__ import annotations
@@ -34,6 +39,11 @@ from bench_cpu import run_meta, source_at, write_results  # noqa: E402
 from modeling_llama import cpu_linear  # noqa: E402
 
 BUILDS = {"one row": 1 << 62, "default": None, "two rows": 0}  # PAIR_MIN_K (None: the source's own)
+PREFETCH_BUILDS = {  # --prefetch: __builtin_prefetch's locality (0: non-temporal, 3: T0, 2: T1), one-row prefetch
+    "nta": ["-DPREFETCH_HINT=0", "-DPREFETCH_ROW1=0"],
+    "t0 + one-row": ["-DPREFETCH_HINT=3", "-DPREFETCH_ROW1=1"],
+    "t1 + one-row": ["-DPREFETCH_HINT=2", "-DPREFETCH_ROW1=1"],
+}
 
 
 def _sequences() -> dict[str, list[tuple[int, int]]]:
@@ -120,9 +130,15 @@ def main() -> int:
     p.add_argument("--against", metavar="REV", help="compare the kernel at this git revision with this tree's")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="the weights' dtype")
     p.add_argument("--torch", action="store_true", help="add torch's F.linear on the same weights as a column")
+    p.add_argument("--prefetch", action="store_true", help="compare the prefetch forms (hint, one-row prefetch)")
     args = p.parse_args()
     dtype = getattr(torch, args.dtype)
-    if args.against:
+    if args.against and args.prefetch:
+        p.error("--against and --prefetch are two different comparisons; pass one of them")
+    if args.prefetch:
+        builds = {name: (cpu_linear._SOURCE, defines) for name, defines in PREFETCH_BUILDS.items()}
+        stem = "cpu_linear_prefetch"
+    elif args.against:
         builds = {
             args.against: (source_at(args.against, "modeling_llama/cpu_linear.py"), []),
             "this tree": (cpu_linear._SOURCE, []),

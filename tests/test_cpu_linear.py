@@ -4,6 +4,7 @@ float64 products and F.linear. Its speed is shown in benchmarks/ (bench_cpu's de
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 import platform
 import shutil
@@ -114,8 +115,10 @@ def test_shapes_views_and_threads():
     torch.testing.assert_close(cpu_linear.small_batch_linear(xt, wt), F.linear(xt, wt), rtol=1e-5, atol=1e-5)
     # each output is summed by one thread in a fixed order: the thread count does not change a bit, nor whether a
     # weight row is taken alone or with its neighbour (K >= 4096; odd N and the threads' shares move the pairs)
-    for n, k in [(1000, 256), (1001, 4100)]:
-        big_w, big_x = torch.randn(n, k, generator=g), torch.randn(11, k, generator=g)
+    # (bf16 too where the kernel has it: its groups of 8 rows take weight rows in pairs from K = 4096 on)
+    dtypes = [torch.float32] + ([torch.bfloat16] if cpu_linear.available(torch.bfloat16) else [])
+    for (n, k), dtype in itertools.product([(1000, 256), (1001, 4100)], dtypes):
+        big_w, big_x = torch.randn(n, k, generator=g).to(dtype), torch.randn(11, k, generator=g).to(dtype)
         threads = torch.get_num_threads()
         try:
             torch.set_num_threads(1)
