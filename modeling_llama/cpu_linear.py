@@ -356,8 +356,8 @@ int llama_small_batch_linear_bf16(const uint16_t* x, int64_t M, const uint16_t* 
         for (int64_t n = n0; n < n1;) {
             /* groups of 8 rows take two weight rows at a time from K = PAIR_MIN_K on: there the 8 input rows
                outgrow L1 (8 bf16 rows of 4,096: 64 KB) and each pass reads them from L2 once for two weight rows
-               (2-core Zen 5, LLaMA-7B's products: 1.17x at 8 rows, 1.33x at 16; with fewer rows, which fit L1,
-               0.82-0.88x, and at the 100M preset's K = 2,048 0.68x at 8 rows) */
+               (2-core Zen 5, LLaMA-7B's products, four runs: 1.14-1.28x at 8 rows, 1.21-1.40x at 16; with fewer
+               rows, which fit L1, 0.82-1.16x, and at the 100M preset's K = 2,048 0.62-0.75x at 8 rows) */
             const int pair = n + 1 < n1 && K >= PAIR_MIN_K;
             for (int64_t m = 0; m < M; m += 8) {
                 const int64_t rows = M - m < 8 ? M - m : 8;
@@ -475,7 +475,8 @@ def _intel() -> bool:
 def _vendor_defines() -> list[str]:
     """The prefetch form measured best on this CPU's vendor: on Intel (a 2-core Xeon with AVX-512, 2026-12-01) the
     T0 hint, with the one-row form prefetching too (8 rows: 8.5 -> 16-18 GB/s of fp32 weights; one row 17-18 ->
-    20); elsewhere (AMD Zen 3) the non-temporal hint, the best of those measured there (``benchmarks/RESULTS.md``)."""
+    20); elsewhere the non-temporal hint, the best of those measured on AMD Zen 3 (on Zen 5 T0 measured 0.97-1.05x
+    its speed, T1 0.81-1.07x: ``benchmarks/cpu_linear_pairs.py --prefetch``, ``benchmarks/RESULTS.md``)."""
     return ["-DPREFETCH_HINT=3", "-DPREFETCH_ROW1=1"] if _intel() else []
 
 
