@@ -185,13 +185,15 @@ static double check(const uint16_t* x, int64_t M, const uint16_t* w, int64_t N, 
     return worst;
 }
 
-static void run(const sequence* seq, int M, int rounds, int copies) {
-    int total = seq->count * copies;
+/* one table row: the sequence's products, read `passes` times per timing round (1: each weight once, from memory;
+   more: a weight small enough for the cache read again and again) */
+static void run(const sequence* seq, int M, int rounds, int passes) {
+    const int total = seq->count;
     uint16_t **w = malloc(total * sizeof *w), **p = malloc(total * sizeof *p);
     int64_t kmax = 0, nmax = 0;
     double bytes = 0;
     for (int i = 0; i < total; i++) {
-        const shape s = seq->shapes[i % seq->count];
+        const shape s = seq->shapes[i];
         w[i] = aligned_alloc(64, s.n * s.k * 2);
         p[i] = aligned_alloc(64, s.n * s.k * 2);
         for (int64_t j = 0; j < s.n * s.k; j++) w[i][j] = f2b((float)rand() / RAND_MAX - 0.5f);
@@ -211,21 +213,22 @@ static void run(const sequence* seq, int M, int rounds, int copies) {
         for (int f = 0; f < 2; f++) { /* alternating, the order switching every round */
             const int form = (f + r) % 2;
             const double t0 = now();
-            for (int i = 0; i < total; i++) {
-                const shape s = seq->shapes[i % seq->count];
-                if (form == 0)
-                    rows_form(x, M, w[i], s.n, s.k, y);
-                else
-                    packed_form(x, M, p[i], s.n, s.k, y);
-            }
+            for (int q = 0; q < passes; q++)
+                for (int i = 0; i < total; i++) {
+                    const shape s = seq->shapes[i];
+                    if (form == 0)
+                        rows_form(x, M, w[i], s.n, s.k, y);
+                    else
+                        packed_form(x, M, p[i], s.n, s.k, y);
+                }
             (form == 0 ? tr : tp)[r] = now() - t0;
         }
     }
     qsort(tr, rounds, sizeof(double), cmp);
     qsort(tp, rounds, sizeof(double), cmp);
-    const double mr = tr[rounds / 2], mp = tp[rounds / 2];
-    printf("| %s | %d | %.0f | %.1f | %.1f | %.2fx | %.1e |\n", seq->name, M, bytes / 1e6, bytes / mr / 1e9,
-           bytes / mp / 1e9, mr / mp, err);
+    const double mr = tr[rounds / 2], mp = tp[rounds / 2], read = bytes * passes;
+    printf("| %s | %d | %.0f | %.1f | %.1f | %.2fx | %.1e |\n", seq->name, M, bytes / 1e6, read / mr / 1e9,
+           read / mp / 1e9, mr / mp, err);
     fflush(stdout);
     for (int i = 0; i < total; i++) free(w[i]), free(p[i]);
     free(w), free(p), free(x), free(y);
@@ -276,39 +279,7 @@ int main(int argc, char** argv) {
     printf("| products | rows | MB | rows form GB/s | packed GB/s | packed / rows | packed error |\n");
     printf("|---|---|---|---|---|---|---|\n");
     for (int s = 0; s < 3; s++)
-        for (int M = 8; M <= 16; M += 8) {
-            if (s == 2) {  /* one weight, repeated: 200 products per round */
-                const int copies = 200;
-                shape* rep = malloc(copies * sizeof *rep);
-                for (int i = 0; i < copies; i++) rep[i] = hot[0];
-                sequence one = {seqs[2].name, rep, 1};
-                /* the same buffer each time: allocate one, time 200 calls */
-                uint16_t *w = aligned_alloc(64, 4096 * 768 * 2), *p = aligned_alloc(64, 4096 * 768 * 2);
-                uint16_t *x = aligned_alloc(64, M * 768 * 2), *y = aligned_alloc(64, M * 4096 * 2);
-                for (int64_t j = 0; j < 4096 * 768; j++) w[j] = f2b((float)rand() / RAND_MAX - 0.5f);
-                for (int64_t j = 0; j < M * 768; j++) x[j] = f2b((float)rand() / RAND_MAX - 0.5f);
-                pack(w, 4096, 768, p);
-                packed_form(x, M, p, 4096, 768, y);
-                const double err = check(x, M, w, 4096, 768, y);
-                double tr[7], tp[7];
-                for (int r = 0; r < rounds; r++) {
-                    double t0 = now();
-                    for (int i = 0; i < copies; i++) rows_form(x, M, w, 4096, 768, y);
-                    tr[r] = now() - t0;
-                    t0 = now();
-                    for (int i = 0; i < copies; i++) packed_form(x, M, p, 4096, 768, y);
-                    tp[r] = now() - t0;
-                }
-                qsort(tr, rounds, sizeof(double), cmp);
-                qsort(tp, rounds, sizeof(double), cmp);
-                const double bytes = copies * 4096.0 * 768 * 2;
-                printf("| %s | %d | %.0f | %.1f | %.1f | %.2fx | %.1e |\n", one.name, M, 4096.0 * 768 * 2 / 1e6,
-                       bytes / tr[3] / 1e9, bytes / tp[3] / 1e9, tr[3] / tp[3], err);
-                free(rep), free(w), free(p), free(x), free(y);
-            } else {
-                run(&seqs[s], M, rounds, 1);
-            }
-        }
+        for (int M = 8; M <= 16; M += 8) run(&seqs[s], M, rounds, s == 2 ? 200 : 1);
     return 0;
 }
 #endif

@@ -15,7 +15,6 @@ stock time from the same machine). Writes ``train_profile.{json,md}`` to ``--out
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -52,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     from torch.profiler import ProfilerActivity, profile
 
     sys.path.insert(0, str(REPO / "benchmarks"))
-    from bench_cpu import _compiled_as_pretrain, _train_ids, _train_step, _twins
+    from bench_cpu import _compiled_as_pretrain, _train_ids, _train_step, _twins, write_results
 
     ours, _stock = _twins(args.preset)
     del _stock
@@ -130,12 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     rest = sum(g["seconds"] for g in groups if g["seconds"] < 0.01 * product_s)
     lines += [f"| (smaller products) | | | {rest:.3f} | |", "", "| other op (self time) | calls | s |", "|---|---|---|"]
     lines += [f"| {o['op'][:60]} | {o['calls']} | {o['seconds']:.3f} |" for o in others]
-    md = "\n".join(lines) + "\n"
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "train_profile.json").write_text(json.dumps(result, indent=1) + "\n")
-    (out / "train_profile.md").write_text(md)
-    print(md)
+    write_results(args.out, "train_profile", result, "\n".join(lines) + "\n")
     return 0
 
 
