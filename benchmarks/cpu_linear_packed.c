@@ -6,7 +6,10 @@
    - "packed": the weights repacked once into blocks of 16 output columns x 2 k (P[n / 16][k / 2][16][2]), so that
      one vdpbf16ps multiplies a pair of one input row's values (broadcast) by the same pair of 16 columns; two
      blocks (32 columns) at a time, 16 sums of 16 columns, no reductions, 16 outputs stored at once. Each group of 8
-     input rows re-reads a block's weights from L1 (a block pair at K = 768 is 48 KB).
+     input rows re-reads a block's weights from L1 (a block pair at K = 768 is 48 KB);
+   - "packed 32": the same with blocks of 32 columns (P[n / 32][k / 2][32][2]), the form of
+     modeling_llama/cpu_linear.py's packed_linear: the two 16-column halves of a k pair side by side, so each
+     thread reads its blocks as one sequential stream instead of two.
 
    Per vdpbf16ps the rows form loads one 64-byte piece of an input row (and an eighth of a weight piece) and ends in
    reductions; the packed form loads one 4-byte broadcast and a sixteenth of a weight piece. Which the CPU prefers is
@@ -16,10 +19,10 @@
    N x 768 weight read again and again from cache. Every packed result is checked against a float64 product.
 
        cc -O3 -march=native -fopenmp benchmarks/cpu_linear_packed.c -o /tmp/packed -lm
-       OMP_NUM_THREADS=2 /tmp/packed            # GB/s of bf16 weights, rows vs packed, 8 and 16 rows, 7 rounds
+       OMP_NUM_THREADS=2 /tmp/packed            # GB/s of bf16 weights, the three forms, 8 and 16 rows, 9 rounds
        /tmp/packed peak                         # one core's vdpbf16ps rate and latency
 
-   (benchmarks/RESULTS.md, "CPU, fourth machine kind": measured on Zen 5, not yet the module's form.) */
+   (benchmarks/RESULTS.md, "CPU, fourth machine kind": measured on Zen 5.) */
 #include <immintrin.h>
 #include <math.h>
 #include <omp.h>
@@ -155,6 +158,54 @@ static void packed_form(const uint16_t* x, int64_t M, const uint16_t* p, int64_t
     }
 }
 
+/* ---- the packed form with 32-column blocks (N a multiple of 32, K even): one stream per thread ---- */
+static void pack32(const uint16_t* w, int64_t N, int64_t K, uint16_t* p) {
+    for (int64_t nb = 0; nb < N / 32; nb++)
+        for (int64_t kp = 0; kp < K / 2; kp++)
+            for (int j = 0; j < 32; j++) {
+                p[((nb * (K / 2) + kp) * 32 + j) * 2] = w[(nb * 32 + j) * K + 2 * kp];
+                p[((nb * (K / 2) + kp) * 32 + j) * 2 + 1] = w[(nb * 32 + j) * K + 2 * kp + 1];
+            }
+}
+static void packed32_form(const uint16_t* x, int64_t M, const uint16_t* p, int64_t N, int64_t K, uint16_t* y) {
+    const int64_t blocks = N / 32, block = (K / 2) * 64; /* elements of one 32-column block */
+#pragma omp parallel
+    {
+        const int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
+        const int64_t per = (blocks + nt - 1) / nt, b0 = t * per, b1 = b0 + per < blocks ? b0 + per : blocks;
+        for (int64_t bi = b0; bi < b1; bi++) {
+            const uint16_t* pa = p + bi * block;
+            for (int64_t m0 = 0; m0 < M; m0 += 8) { /* (M a multiple of 8 here) */
+                __m512 a[8], b[8];
+#pragma GCC unroll 8
+                for (int m = 0; m < 8; m++) a[m] = b[m] = _mm512_setzero_ps();
+                const uint16_t* xr = x + m0 * K;
+                for (int64_t kp = 0; kp < K / 2; kp++) {
+                    if (m0 == 0) {
+                        __builtin_prefetch(pa + kp * 64 + PF, 0, 0);
+                        __builtin_prefetch(pa + kp * 64 + 32 + PF, 0, 0);
+                    }
+                    const __m512bh wa = ld_bh(pa + kp * 64), wb = ld_bh(pa + kp * 64 + 32);
+#pragma GCC unroll 8
+                    for (int m = 0; m < 8; m++) {
+                        uint32_t v;
+                        memcpy(&v, xr + m * K + 2 * kp, 4);
+                        const __m512bh xb = (__m512bh)_mm512_set1_epi32((int)v);
+                        a[m] = _mm512_dpbf16_ps(a[m], xb, wa);
+                        b[m] = _mm512_dpbf16_ps(b[m], xb, wb);
+                    }
+                }
+#pragma GCC unroll 8
+                for (int m = 0; m < 8; m++) {
+                    uint16_t* yr = y + (m0 + m) * N + 32 * bi;
+                    _mm256_storeu_si256((__m256i*)yr, (__m256i)_mm512_cvtneps_pbh(a[m]));
+                    _mm256_storeu_si256((__m256i*)(yr + 16), (__m256i)_mm512_cvtneps_pbh(b[m]));
+                }
+            }
+        }
+    }
+}
+
 typedef struct {
     int64_t n, k;
 } shape;
@@ -169,7 +220,8 @@ static int cmp(const void* a, const void* b) {
     return (d > 0) - (d < 0);
 }
 
-/* the worst |packed - float64| over the float64 product's scale, first rows and columns of the first product */
+/* the worst |packed - float64| over the float64 product's scale, first rows and columns of the first product
+   (both packed forms) */
 static double check(const uint16_t* x, int64_t M, const uint16_t* w, int64_t N, int64_t K, const uint16_t* y) {
     double worst = 0;
     for (int64_t m = 0; m < M; m++)
@@ -189,15 +241,17 @@ static double check(const uint16_t* x, int64_t M, const uint16_t* w, int64_t N, 
    more: a weight small enough for the cache read again and again) */
 static void run(const sequence* seq, int M, int rounds, int passes) {
     const int total = seq->count;
-    uint16_t **w = malloc(total * sizeof *w), **p = malloc(total * sizeof *p);
+    uint16_t **w = malloc(total * sizeof *w), **p = malloc(total * sizeof *p), **p32 = malloc(total * sizeof *p32);
     int64_t kmax = 0, nmax = 0;
     double bytes = 0;
     for (int i = 0; i < total; i++) {
         const shape s = seq->shapes[i];
         w[i] = aligned_alloc(64, s.n * s.k * 2);
         p[i] = aligned_alloc(64, s.n * s.k * 2);
+        p32[i] = aligned_alloc(64, s.n * s.k * 2);
         for (int64_t j = 0; j < s.n * s.k; j++) w[i][j] = f2b((float)rand() / RAND_MAX - 0.5f);
         pack(w[i], s.n, s.k, p[i]);
+        pack32(w[i], s.n, s.k, p32[i]);
         bytes += s.n * s.k * 2.0;
         if (s.k > kmax) kmax = s.k;
         if (s.n > nmax) nmax = s.n;
@@ -207,31 +261,35 @@ static void run(const sequence* seq, int M, int rounds, int passes) {
     for (int64_t j = 0; j < M * kmax; j++) x[j] = f2b((float)rand() / RAND_MAX - 0.5f);
     const shape s0 = seq->shapes[0];
     packed_form(x, M, p[0], s0.n, s0.k, y);
-    const double err = check(x, M, w[0], s0.n, s0.k, y);
-    double tr[32], tp[32];
+    double err = check(x, M, w[0], s0.n, s0.k, y);
+    packed32_form(x, M, p32[0], s0.n, s0.k, y);
+    const double err32 = check(x, M, w[0], s0.n, s0.k, y);
+    err = err32 > err ? err32 : err;
+    double t[3][32];
     for (int r = 0; r < rounds; r++) {
-        for (int f = 0; f < 2; f++) { /* alternating, the order switching every round */
-            const int form = (f + r) % 2;
+        for (int f = 0; f < 3; f++) { /* in turn, each form first once every three rounds */
+            const int form = (f + r) % 3;
             const double t0 = now();
             for (int q = 0; q < passes; q++)
                 for (int i = 0; i < total; i++) {
                     const shape s = seq->shapes[i];
                     if (form == 0)
                         rows_form(x, M, w[i], s.n, s.k, y);
-                    else
+                    else if (form == 1)
                         packed_form(x, M, p[i], s.n, s.k, y);
+                    else
+                        packed32_form(x, M, p32[i], s.n, s.k, y);
                 }
-            (form == 0 ? tr : tp)[r] = now() - t0;
+            t[form][r] = now() - t0;
         }
     }
-    qsort(tr, rounds, sizeof(double), cmp);
-    qsort(tp, rounds, sizeof(double), cmp);
-    const double mr = tr[rounds / 2], mp = tp[rounds / 2], read = bytes * passes;
-    printf("| %s | %d | %.0f | %.1f | %.1f | %.2fx | %.1e |\n", seq->name, M, bytes / 1e6, read / mr / 1e9,
-           read / mp / 1e9, mr / mp, err);
+    for (int form = 0; form < 3; form++) qsort(t[form], rounds, sizeof(double), cmp);
+    const double mr = t[0][rounds / 2], mp = t[1][rounds / 2], m32 = t[2][rounds / 2], read = bytes * passes;
+    printf("| %s | %d | %.0f | %.1f | %.1f | %.1f | %.2fx | %.2fx | %.1e |\n", seq->name, M, bytes / 1e6,
+           read / mr / 1e9, read / mp / 1e9, read / m32 / 1e9, mr / mp, mr / m32, err);
     fflush(stdout);
-    for (int i = 0; i < total; i++) free(w[i]), free(p[i]);
-    free(w), free(p), free(x), free(y);
+    for (int i = 0; i < total; i++) free(w[i]), free(p[i]), free(p32[i]);
+    free(w), free(p), free(p32), free(x), free(y);
 }
 
 static void peak(void) {
@@ -274,10 +332,11 @@ int main(int argc, char** argv) {
     const sequence seqs[3] = {{"100M step (49 products), from memory", step100m, 49},
                               {"LLaMA-7B, two layers, from memory", llama7b, 8},
                               {"4096 x 768 again and again, from cache (6.3 MB)", hot, 1}};
-    const int rounds = 7;
-    printf("threads %d; GB/s of bf16 weights, medians of %d alternating rounds\n\n", omp_get_max_threads(), rounds);
-    printf("| products | rows | MB | rows form GB/s | packed GB/s | packed / rows | packed error |\n");
-    printf("|---|---|---|---|---|---|---|\n");
+    const int rounds = 9;
+    printf("threads %d; GB/s of bf16 weights, medians of %d rounds, the forms in turn\n\n", omp_get_max_threads(), rounds);
+    printf("| products | rows | MB | rows form GB/s | packed GB/s | packed 32 GB/s | packed / rows | packed 32 / rows "
+           "| packed error |\n");
+    printf("|---|---|---|---|---|---|---|---|---|\n");
     for (int s = 0; s < 3; s++)
         for (int M = 8; M <= 16; M += 8) run(&seqs[s], M, rounds, s == 2 ? 200 : 1);
     return 0;

@@ -2,7 +2,7 @@
 
 ``FastDecoder`` at batch 2-16 on CPU runs its step's products through ``cpu_linear``'s op (85 calls per token,
 ``100M`` preset; its CPU implementation is C++ where it builds, Python otherwise) and its one-row attention through
-``cpu_attention``'s kernel (else the eager math, which inductor fuses). This script builds five decoders on five
+``cpu_attention``'s kernel (else the eager math, which inductor fuses). This script builds six decoders on six
 copies of one model (ours; runs before 2026-11-30's seventh session used stock transformers' model with the same
 weights) and alternates their ``generate`` calls:
 
@@ -11,7 +11,9 @@ weights) and alternates their ``generate`` calls:
 - ``op in Python``: the same with the product op's Python implementation (registered here as a second op);
 - ``C++ wrapper``: ``all`` with the step's wrapper compiled to C++ (``FastDecoder(cpp_wrapper=True)``);
 - ``4 KB pages``: ``all`` with the weights left where torch allocated them (``FastDecoder(huge_pages=False)``;
-  ``all`` moves them to transparent huge pages where the system has them).
+  ``all`` moves them to transparent huge pages where the system has them);
+- ``unpacked weights``: ``all`` with the weights read as the model holds them (``FastDecoder(packed_weights=False)``;
+  in bf16 on a CPU with AVX512-BF16 ``all`` reads packed copies from batch 8 on, ``cpu_linear.packed_linear``).
 
 It reports each op call's cost alone (a tiny product), the steady step (``(generate of 1 + N new tokens -
 generate of 1) / N``) as medians and as the median of per-round ratios to ``all``, and asserts the decoders'
@@ -19,7 +21,7 @@ tokens equal.
 
     python benchmarks/decode_step_parts.py [--rounds 12] [--out benchmarks/results/cpu-avx2]
 
-With ``--against REV`` a sixth decoder, ``kernels at REV``, runs the CPU kernels as they were at git revision
+With ``--against REV`` a seventh decoder, ``kernels at REV``, runs the CPU kernels as they were at git revision
 ``REV`` (``cpu_linear``'s C kernel and C++ glue, ``cpu_attention``'s kernel, built from that revision's sources as
 ops of the namespace ``llama_hf_rev``), with the step's size asserts back on where ``REV`` had them: the step of one
 revision against another's, side by side (files ``decode_step_parts_against_<REV>``). Its tokens may differ from
@@ -74,14 +76,21 @@ def kernels_at(rev: str) -> bool:
     linear = "modeling_llama/cpu_linear.py"
     rename = ("TORCH_LIBRARY_IMPL(llama_hf,", "TORCH_LIBRARY_IMPL(llama_hf_rev,")
     kernel = cpu_linear._build_kernel("llama_small_batch_linear_rev", source_at(rev, linear))
-    glue = cpu_linear._build_glue("llama_hf_ops_rev", source_at(rev, linear, "_NATIVE_SOURCE").replace(*rename))
+    glue_source = source_at(rev, linear, "_NATIVE_SOURCE")
+    if '"packed_linear"' in glue_source:  # (the revision's glue implements it too: its schema, for the dispatcher)
+        _REV_LIB.define("packed_linear(Tensor x, Tensor packed) -> Tensor")
+        torch.library.register_fake("llama_hf_rev::packed_linear", cpu_linear._packed_fake, lib=_REV_LIB)
+    glue = cpu_linear._build_glue("llama_hf_ops_rev", glue_source.replace(*rename))
     if None in (kernel, glue):
         raise SystemExit(f"the kernels at {rev!r} did not build")
     k = ctypes.CDLL(str(kernel))
     torch.ops.load_library(str(glue))
-    ctypes.CDLL(str(glue)).llama_hf_set_kernels(
-        ctypes.c_void_p(ctypes.cast(k.llama_small_batch_linear, ctypes.c_void_p).value),
-        ctypes.c_void_p(ctypes.cast(k.llama_small_batch_linear_bf16, ctypes.c_void_p).value),
+    entries = ("llama_small_batch_linear", "llama_small_batch_linear_bf16", "llama_packed_linear_bf16")
+    ctypes.CDLL(str(glue)).llama_hf_set_kernels(  # (a revision before the packed entry takes two: the third unread)
+        *(
+            ctypes.c_void_p(ctypes.cast(getattr(k, e), ctypes.c_void_p).value if hasattr(k, e) else None)
+            for e in entries
+        )
     )
     attention_op = attention_kernel_at(rev)
 
@@ -137,7 +146,7 @@ def main() -> int:
         costs["python"].append(call_cost(python_op, args.batch))
 
     model, _ = _twins(args.preset)
-    names = ["all", "eager attention", "op in Python", "C++ wrapper", "4 KB pages"]
+    names = ["all", "eager attention", "op in Python", "C++ wrapper", "4 KB pages", "unpacked weights"]
     rev = f"kernels at {args.against}" if args.against else None
     if rev:
         rev_without_asserts = kernels_at(args.against)
@@ -153,6 +162,7 @@ def main() -> int:
             attn_implementation=attn.get(name),
             cpp_wrapper=name == "C++ wrapper",
             huge_pages=name != "4 KB pages",
+            packed_weights=False if name in ("unpacked weights", "op in Python", rev) else None,
         )
         for name, m in models.items()
     }
@@ -170,10 +180,15 @@ def main() -> int:
     tokens = {name: dec.generate(prompt, args.new_tokens + 1) for name, dec in decoders.items()}  # compiles
     # the same kernels in another wrapper or memory: the same tokens. Another attention (in bf16: inductor's math
     # rounds its scores and weights to bf16) or another revision's kernels: reported
+    # (and unpacked weights, whose bf16 sums are added in another order)
     reported = {rev} | ({"eager attention"} if decoders["all"].dtype == torch.bfloat16 else set())
+    reported |= {"unpacked weights"} if decoders["all"].packed_bytes else set()
+    # (the op in Python runs the row kernel: where `all` reads packed weights, its tokens are the unpacked ones')
+    like = {"op in Python": "unpacked weights"} if decoders["all"].packed_bytes else {}
     for name in decoders:
         if name not in reported:
-            assert torch.equal(tokens[name], tokens["all"]), f"{name} gave other tokens than all"
+            ref = like.get(name, "all")
+            assert torch.equal(tokens[name], tokens[ref]), f"{name} gave other tokens than {ref}"
     same = {n: round(float((tokens[n] == tokens["all"]).float().mean()), 3) for n in sorted(reported - {None})}
 
     steps = {name: [] for name in names}

@@ -115,6 +115,15 @@ def _streaming_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return _eager_linear(self, x)
 
 
+def _packed_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``F.linear`` that, while being compiled, calls :func:`cpu_linear.packed_linear` on the decoder's packed copy
+    of the weight (``_fast_packed``, made once by :class:`FastDecoder`)."""
+    if torch.compiler.is_compiling():
+        y = torch.ops.llama_hf.packed_linear(x, self._fast_packed)
+        return y if self.bias is None else y + self.bias
+    return _eager_linear(self, x)
+
+
 def _gemv_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """``F.linear`` that, while being compiled for a single row, is written as multiply + sum over ``K``."""
     if torch.compiler.is_compiling() and x.shape[:-1].numel() == 1:
@@ -141,6 +150,24 @@ def _rotary_table_forward(self: LlamaRotaryEmbedding, x: torch.Tensor, position_
     if torch.compiler.is_compiling() and self._fast_active:  # FastDecoder's steps only (positions < max_length)
         return self._fast_cos[position_ids].to(x.dtype), self._fast_sin[position_ids].to(x.dtype)  # (B, T, Dh)
     return type(self).forward(self, x, position_ids)
+
+
+# The smallest batch for which FastDecoder packs the weights by default (bf16 on a CPU with AVX512-BF16). The packed
+# products against the row form's on 2-core Zen 5, the 100M preset's step shapes through the op: 0.97x at 1 row,
+# 1.03x at 2 and 4, 1.16x at 8, 1.55x at 16; below 8 rows the copy would cost its memory for next to nothing.
+PACKED_MIN_BATCH = 8
+
+
+def _available_memory() -> int | None:
+    """The system's available memory in bytes (``MemAvailable`` of ``/proc/meminfo``), ``None`` where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 class FastDecoder:
@@ -174,6 +201,19 @@ class FastDecoder:
             reads it back for a weight ``w``), 0 where nothing moved: CUDA, no THP, ``LLAMA_HUGE_PAGES=0``, frozen
             bf16 weights, which inductor copies).
 
+        packed_weights: on CPU in bf16, have the compiled steps read a copy of each linear weight packed for
+            :func:`cpu_linear.packed_linear` (blocks of 32 output columns, each k pair side by side: the CPU's bf16
+            dot products then need no sums across lanes, and each thread reads one sequential stream). The copy is
+            made once, here, in one buffer (on huge pages with ``huge_pages``); the model's own weights are kept,
+            unchanged, for the prefill and any other use, so this costs one more copy of the linear weights in
+            memory (:attr:`packed_bytes`), and weights changed after this are not seen by the steps (build a new
+            decoder). ``None`` (default): packed where measured faster and where the copy fits: the CPU has bf16
+            dot products (AVX512-BF16), the batch is :data:`PACKED_MIN_BATCH` .. ``cpu_linear.MAX_ROWS`` and the
+            copy takes at most half of the available memory (on 2-core Zen 5, ``100M`` preset, batch 8: the steps
+            took 0.93x the time, ``benchmarks/RESULTS.md``). ``True``: packed wherever it can be (any batch, and the
+            kernel's widening form on CPUs without bf16 dot products); a ``ValueError`` where it cannot (not bf16,
+            CUDA, ``compile=False``, no kernel). Weights with N not a multiple of 32 or K odd stay unpacked.
+
     The decoder works on ``model`` itself, not on a copy (a second copy of the weights would double the memory):
     it converts the model to ``dtype`` in place and installs forwards on its linear and rotary modules that compute
     the same products outside :meth:`generate` (their fast forms are only traced by its compiled steps); on CPU it
@@ -196,6 +236,7 @@ class FastDecoder:
         attn_implementation: str | None = None,
         cpp_wrapper: bool = False,
         huge_pages: bool = True,
+        packed_weights: bool | None = None,
     ) -> None:
         from transformers import StaticCache
 
@@ -249,11 +290,17 @@ class FastDecoder:
                 linear_forward = _small_batch_linear_forward
             else:
                 options = {"freezing": True}  # weights become constants, pre-packed for oneDNN's GEMM
+        # bf16 steps on packed copies of the weights (cpu_linear.packed_linear); the model's own stay for the rest
+        packed = self._packable(model, packed_weights, batch_size, compile, linear_forward)
+        packed_ids = {id(m) for m in packed}
+        if packed:
+            options = None if (options or {}).get("freezing") else options  # (the packed copies are read, not these)
         # the weights every step streams, on 2-MB pages: fewer TLB misses (CPU; frozen weights are inductor's copies)
         self.huge_page_bytes = 0
+        self.packed_bytes = self._pack(packed, huge_pages)
         if huge_pages and not self.cuda and not (options or {}).get("freezing"):
-            linears = (m.weight for m in model.modules() if isinstance(m, nn.Linear))
-            self.huge_page_bytes = thp.move_parameters(linears)
+            linears = (m.weight for m in model.modules() if isinstance(m, nn.Linear) and id(m) not in packed_ids)
+            self.huge_page_bytes += thp.move_parameters(linears)
         self.cpp_wrapper = bool(cpp_wrapper and compile and not self.cuda)
         if self.cpp_wrapper:
             options = {**(options or {}), "cpp_wrapper": True}
@@ -264,7 +311,9 @@ class FastDecoder:
         # emulation there (8 x 32 prompt: 885 -> 604 ms for the whole prefill); the step keeps eager (compiled)
         self._prefill_attn = "sdpa" if emulated_bf16 else None  # (never on CUDA: native_bf16 there)
         for module in model.modules():
-            if linear_forward is not None and isinstance(module, nn.Linear):
+            if id(module) in packed_ids:
+                module.forward = _packed_linear_forward.__get__(module)
+            elif linear_forward is not None and isinstance(module, nn.Linear):
                 module.forward = linear_forward.__get__(module)
             elif compile and type(module) is LlamaRotaryEmbedding:  # cos/sin of every position, once (float32,
                 probe = torch.empty(0, device=self.device)  # as the module computes them; cast on lookup)
@@ -292,6 +341,57 @@ class FastDecoder:
             # are fixed (~170 Python calls a token; batch 8, 2 Intel cores: the wrapper's own time 2.5 -> 2.1 ms)
             options = {**(options or {}), "size_asserts": False}
         self._compile_kwargs = {"mode": "reduce-overhead" if self.cuda else None, "options": options}
+
+    def _packable(
+        self, model: nn.Module, packed_weights: bool | None, batch_size: int, compile: bool, streaming
+    ) -> list:
+        """The linear modules whose weights the compiled steps read packed (:attr:`packed_weights`' rule)."""
+        forms = cpu_linear.forms() if not self.cuda else {}
+        if packed_weights is False:
+            return []
+        if packed_weights and (self.cuda or self.dtype != torch.bfloat16 or not forms.get("packed") or not compile):
+            why = (
+                "it runs on CUDA" if self.cuda
+                else f"dtype is {self.dtype}, not torch.bfloat16" if self.dtype != torch.bfloat16
+                else "compile=False (only the compiled steps read them)" if not compile
+                else "cpu_linear's kernel could not be built here (no C compiler?)"
+            )  # fmt: skip
+            raise ValueError(
+                f"packed_weights=True needs a compiled bf16 decoder on CPU with cpu_linear's kernel; {why}. Pass "
+                "packed_weights=None (where it applies) or False."
+            )
+        linears = [m for m in model.modules() if isinstance(m, nn.Linear) and cpu_linear.packable(m.weight)]
+        if packed_weights is None:  # the default: where measured faster, and where the copies fit
+            nbytes = sum(m.weight.numel() * 2 for m in {id(m.weight): m for m in linears}.values())
+            free = _available_memory()
+            if not (
+                compile
+                and streaming is _streaming_linear_forward
+                and forms.get("bf16_dot")
+                and forms.get("packed")
+                and PACKED_MIN_BATCH <= batch_size <= cpu_linear.MAX_ROWS
+                and free is not None
+                and nbytes <= free // 2
+            ):
+                return []
+        return linears
+
+    def _pack(self, linears: list, huge_pages: bool) -> int:
+        """Pack each module's weight into one buffer (on huge pages where asked and available) as ``_fast_packed``;
+        return the bytes packed (counted in :attr:`huge_page_bytes` too where they are on huge pages)."""
+        if not linears:
+            return 0
+        sizes = [-(-m.weight.numel() * 2 // 64) * 64 for m in linears]  # (each 64-byte aligned)
+        on_huge = huge_pages and thp.available()
+        arena = thp.empty(sum(sizes)) if on_huge else torch.empty(sum(sizes), dtype=torch.uint8)
+        offset = 0
+        for m, size in zip(linears, sizes):
+            m._fast_packed = cpu_linear.pack_weight(m.weight, out=arena[offset : offset + m.weight.numel() * 2])
+            offset += size
+        if on_huge:
+            thp.collapse(arena)
+            self.huge_page_bytes += offset
+        return offset
 
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor, cache=None) -> torch.Tensor:
         out = self.model(

@@ -143,7 +143,7 @@ def _compiled(tmp_path, name: str, flags: list[str]):
     subprocess.run([cc, *flags, "-o", str(lib), str(src)], check=True, capture_output=True)
     so = ctypes.CDLL(str(lib))
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    for entry in (so.llama_small_batch_linear, so.llama_small_batch_linear_bf16):
+    for entry in (so.llama_small_batch_linear, so.llama_small_batch_linear_bf16, so.llama_packed_linear_bf16):
         entry.argtypes = [ptr, i64, ptr, i64, i64, ptr]  # x, M, w, N, K, y
     return so
 
@@ -325,3 +325,112 @@ print(json.dumps({"available": cpu_linear.available(), "python": "native_build.p
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "XDG_CACHE_HOME": str(tmp_path)}
     assert run_python_json(code, cwd=REPO_ROOT, env=env) == {"available": True, "python": True}
     assert any(tmp_path.rglob("llama_small_batch_linear-*.so")) and not any(tmp_path.rglob("llama_hf_ops-*.so"))
+
+
+# ---- packed bf16 weights (pack_weight / packed_linear) ----
+
+needs_packed = pytest.mark.skipif(not cpu_linear.forms().get("packed"), reason="no C compiler built the kernel")
+# N multiples of 32 (one block, several, split unevenly between threads), K even: short, not a multiple of 32, long
+PACKED_SHAPES = [(32, 2), (32, 38), (96, 770), (2304, 768), (64, 4100)]
+
+
+def within_a_bf16_rounding(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> bool:
+    """``y`` (bf16) within one bf16 rounding of the float64 product ``x @ w.T`` (plus float32 summation error)."""
+    ref = x.double() @ w.double().t()
+    scale = (x.double().abs() @ w.double().abs().t()).max().item()
+    return bool(((y.double() - ref).abs() <= 2**-8 * ref.abs() + 1e-6 * scale).all())
+
+
+def test_pack_weight_layout_round_trip_and_refusals():
+    n, k = 64, 6
+    w = torch.arange(n * k, dtype=torch.float32).reshape(n, k).bfloat16()  # (exact in bf16 up to 256)
+    p = cpu_linear.pack_weight(w)
+    assert p.shape == (n // 32, k // 2, 32, 2) and p.is_contiguous()
+    for b, j, c, t in itertools.product(range(n // 32), range(k // 2), (0, 5, 31), (0, 1)):
+        assert p[b, j, c, t] == w[32 * b + c, 2 * j + t]
+    assert torch.equal(cpu_linear.unpack_weight(p), w)
+    out = torch.empty(n * k * 2, dtype=torch.uint8)  # memory of the caller's (huge_pages.empty's is uint8)
+    q = cpu_linear.pack_weight(w, out=out)
+    assert torch.equal(q, p) and q.data_ptr() == out.data_ptr()
+    with pytest.raises(ValueError, match="bytes"):
+        cpu_linear.pack_weight(w, out=torch.empty(n * k, dtype=torch.uint8))
+    for bad in (
+        torch.zeros(48, 6).bfloat16(),
+        torch.zeros(64, 5).bfloat16(),
+        torch.zeros(64, 6),
+        torch.zeros(2, 32, 6),
+    ):
+        assert not cpu_linear.packable(bad)
+        with pytest.raises(ValueError, match="multiple of 32 and K even"):
+            cpu_linear.pack_weight(bad)
+    with pytest.raises(RuntimeError, match="packed as"):  # an unpacked weight handed to the op
+        cpu_linear.packed_linear(torch.zeros(2, 6).bfloat16(), w)
+
+
+@needs_packed
+@pytest.mark.parametrize("rows", [1, 2, 7, 8, 9, 16, 17, 40])
+def test_packed_product_matches_float64(rows):
+    """Any number of rows (groups of 8 and a tail): within one bf16 rounding of the float64 product, and the op's
+    C++ and Python implementations give the same bits (the same kernel)."""
+    g = torch.Generator().manual_seed(200 + rows)
+    for n, k in PACKED_SHAPES:
+        x, w = torch.randn(rows, k, generator=g).bfloat16(), torch.randn(n, k, generator=g).bfloat16()
+        p = cpu_linear.pack_weight(w)
+        y = cpu_linear.packed_linear(x, p)
+        assert y.dtype == torch.bfloat16 and y.shape == (rows, n)
+        assert within_a_bf16_rounding(y, x, w), (rows, n, k)
+        assert torch.equal(y, cpu_linear._packed_linear(x, p))
+    x3 = torch.randn(2, 3, 38, generator=g).bfloat16()[:, :, :]  # (..., K)
+    w = torch.randn(32, 38, generator=g).bfloat16()
+    y3 = cpu_linear.packed_linear(x3, cpu_linear.pack_weight(w))
+    assert y3.shape == (2, 3, 32) and within_a_bf16_rounding(y3.reshape(6, 32), x3.reshape(6, 38), w)
+    xs = torch.randn(38, 5, generator=g).bfloat16().t()  # strided rows
+    assert torch.equal(
+        cpu_linear.packed_linear(xs, cpu_linear.pack_weight(w)),
+        cpu_linear.packed_linear(xs.contiguous(), cpu_linear.pack_weight(w)),
+    )
+
+
+@needs_packed
+def test_packed_op_falls_back_to_f_linear_and_compiles():
+    g = torch.Generator().manual_seed(9)
+    w = torch.randn(64, 40, generator=g).bfloat16()
+    p = cpu_linear.pack_weight(w)
+    x = torch.randn(3, 40, generator=g)
+    with pytest.raises(RuntimeError):  # float32 rows on bf16 weights: F.linear's own dtype error
+        cpu_linear.packed_linear(x, p)
+    assert cpu_linear.packed_linear(torch.zeros(0, 40).bfloat16(), p).shape == (0, 64)  # no rows: F.linear
+    with pytest.raises(RuntimeError):  # K disagrees
+        cpu_linear.packed_linear(torch.zeros(2, 38).bfloat16(), p)
+
+    def f(x, p):
+        return torch.ops.llama_hf.packed_linear(torch.relu(x), p) * 2
+
+    torch._dynamo.reset()
+    xb = x.bfloat16()
+    out = torch.compile(f, fullgraph=True)(xb, p)
+    assert torch.equal(out, f(xb, p))
+
+
+@pytest.mark.skipif(not has_cc, reason="no C compiler")
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="x86 flags")
+def test_packed_entry_in_every_build(tmp_path):
+    """The packed entry as each CPU builds it: the widening form (no AVX512-BF16), as an AVX2 CPU builds it where
+    this one runs that, and this CPU's own (the dot-product form where it has one); without OpenMP too. Each within
+    one bf16 rounding of the float64 product; refusals for bad shapes and no rows."""
+    builds = [("widening", ["-mno-avx512bf16"]), ("native", []), ("serial", ["-fno-openmp"])]
+    if {"avx2", "fma"} <= set(cpu_linear.cpu_signature().split()):
+        builds.append(("avx2", ["-march=haswell"]))
+    g = torch.Generator().manual_seed(11)
+    for name, extra in builds:
+        flags = [*(cpu_linear._FLAGS_NO_OPENMP if name == "serial" else cpu_linear._FLAGS), *extra]
+        so = _compiled(tmp_path, name, [*flags, *cpu_linear._vendor_defines()])
+        assert so.llama_small_batch_linear_forms() & 4, name
+        for rows, (n, k) in zip((1, 3, 8, 13, 17), PACKED_SHAPES):
+            x, w = torch.randn(rows, k, generator=g).bfloat16(), torch.randn(n, k, generator=g).bfloat16()
+            p, y = cpu_linear.pack_weight(w), torch.full((rows, n), 7.0, dtype=torch.bfloat16)
+            assert so.llama_packed_linear_bf16(x.data_ptr(), rows, p.data_ptr(), n, k, y.data_ptr()) == 0
+            assert within_a_bf16_rounding(y, x, w), (name, rows, n, k)
+        assert so.llama_packed_linear_bf16(x.data_ptr(), 0, p.data_ptr(), n, k, y.data_ptr()) == -1
+        assert so.llama_packed_linear_bf16(x.data_ptr(), 1, p.data_ptr(), 48, k, y.data_ptr()) == -3  # N % 32
+        assert so.llama_packed_linear_bf16(x.data_ptr(), 1, p.data_ptr(), n, 7, y.data_ptr()) == -3  # K odd

@@ -273,3 +273,83 @@ def test_the_model_outside_generate_is_the_users():
         traced = torch.compile(ours, backend="eager", fullgraph=True)  # dynamo traces the installed forwards
         torch.testing.assert_close(traced(ids).logits, expected, rtol=1e-5, atol=1e-5)
     assert torch.equal(dec.generate(prompt, NEW), stock_greedy(stock, prompt, NEW))  # and the decoder still works
+
+
+def _bf16_dot_forms(monkeypatch, dot: bool = True):
+    import modeling_llama.fast_decode as fd
+
+    forms = {**fd.cpu_linear.forms(), "bf16_dot": dot}
+    monkeypatch.setattr(fd.cpu_linear, "forms", lambda: forms)
+    return fd
+
+
+def test_packed_weights_steps_match_the_bf16_model_and_leave_the_model_alone():
+    """``packed_weights=True``: the compiled steps read packed copies of every packable weight (here not the LM
+    head: a vocabulary of 500 is no multiple of 32), each token is the bf16 model's argmax, and the model's own
+    weights, state dict and eager forward are untouched."""
+    import modeling_llama.fast_decode as fd
+
+    if not fd.cpu_linear.forms().get("packed"):
+        pytest.skip("no C compiler built cpu_linear's kernel")
+    ours, stock = twin_models(seed=12, vocab_size=500)
+    ours_ref = ours.to(torch.bfloat16).state_dict()
+    ours_ref = {k: v.clone() for k, v in ours_ref.items()}
+    torch._dynamo.reset()
+    dec = FastDecoder(ours, batch_size=3, max_length=PROMPT + NEW, dtype=torch.bfloat16, packed_weights=True)
+    linears = [m for m in ours.modules() if isinstance(m, torch.nn.Linear)]
+    packed = [m for m in linears if hasattr(m, "_fast_packed")]
+    assert packed == [m for m in linears if m is not ours.lm_head]
+    assert dec.packed_bytes >= sum(m.weight.numel() * 2 for m in packed)
+    for m in packed:
+        assert torch.equal(fd.cpu_linear.unpack_weight(m._fast_packed), m.weight)
+    prompt = torch.randint(3, 500, (3, PROMPT), generator=torch.Generator().manual_seed(12))
+    out = dec.generate(prompt, NEW)
+    assert chosen_gap(stock.to(torch.bfloat16), prompt, out) <= 0.02
+    steps = 2  # generate(prompt, 3): the prefill (eager), then two compiled steps
+    n_layers = ours.config.num_hidden_layers
+    assert op_calls(lambda: dec.generate(prompt, 3), "llama_hf::packed_linear") == steps * 7 * n_layers
+    # the LM head (not packable) through the row kernel, once per step (the eager prefill's linears: F.linear)
+    assert op_calls(lambda: dec.generate(prompt, 3), "llama_hf::small_batch_linear") == steps
+    state = ours.state_dict()
+    assert state.keys() == ours_ref.keys() and all(torch.equal(state[k], v) for k, v in ours_ref.items())
+    ids = torch.randint(0, 500, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, stock(ids).logits, rtol=2e-2, atol=2e-2)
+
+
+def test_packed_weights_default_rule(monkeypatch):
+    """By default the weights are packed for compiled bf16 steps of PACKED_MIN_BATCH..MAX_ROWS rows on a CPU with
+    bf16 dot products, where the copies fit in half the available memory; never in fp32, never with
+    ``packed_weights=False``."""
+    fd = _bf16_dot_forms(monkeypatch)
+    if not fd.cpu_linear.forms().get("packed") or not fd.cpu_linear.available(torch.bfloat16):
+        pytest.skip("no C compiler built cpu_linear's kernel")
+    batch = fd.PACKED_MIN_BATCH
+
+    def packed_bytes(**kwargs) -> int:
+        ours, _ = twin_models(seed=13)
+        kwargs = {"batch_size": batch, "max_length": 16, "dtype": torch.bfloat16, **kwargs}
+        return FastDecoder(ours, **kwargs).packed_bytes
+
+    weights = sum(m.weight.numel() * 2 for m in twin_models(seed=13)[0].modules() if isinstance(m, torch.nn.Linear))
+    assert packed_bytes() >= weights
+    assert packed_bytes(packed_weights=False) == 0
+    assert packed_bytes(dtype=torch.float32) == 0
+    assert packed_bytes(compile=False) == 0
+    if batch > 1:
+        assert packed_bytes(batch_size=batch - 1) == 0
+    monkeypatch.setattr(fd, "_available_memory", lambda: 2 * weights - 2)  # the copies would not fit in half
+    assert packed_bytes() == 0
+    monkeypatch.setattr(fd, "_available_memory", lambda: None)  # unknown: not by default, on request yes
+    assert packed_bytes() == 0 and packed_bytes(packed_weights=True) >= weights
+    fd = _bf16_dot_forms(monkeypatch, dot=False)  # the widening form: not measured faster, so only on request
+    monkeypatch.setattr(fd, "_available_memory", lambda: 1 << 40)
+    assert packed_bytes() == 0 and packed_bytes(packed_weights=True) >= weights
+
+
+def test_packed_weights_refused_where_they_cannot_apply():
+    ours, _ = twin_models()
+    with pytest.raises(ValueError, match="not torch.bfloat16"):
+        FastDecoder(ours, batch_size=8, max_length=16, dtype=torch.float32, packed_weights=True)
+    with pytest.raises(ValueError, match="compile=False"):
+        FastDecoder(ours, batch_size=8, max_length=16, dtype=torch.bfloat16, compile=False, packed_weights=True)
