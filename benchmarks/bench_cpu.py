@@ -468,8 +468,9 @@ def _time_fast(dec, prompt: torch.Tensor, new_tokens: int, repeats: int, streame
     if row["fast_huge_page_bytes"]:  # huge pages the kernel put in their mapping (best effort; whole 2-MB pages)
         from modeling_llama import huge_pages
 
-        first = next(m.weight for m in dec.model.modules() if isinstance(m, torch.nn.Linear))
-        row["fast_huge_page_backed_bytes"] = huge_pages.huge_page_bytes(first)
+        first = next(m for m in dec.model.modules() if isinstance(m, torch.nn.Linear))
+        # (the weight the steps read: the decoder's packed copy where it made one)
+        row["fast_huge_page_backed_bytes"] = huge_pages.huge_page_bytes(getattr(first, "_fast_packed", first.weight))
     row["copy_bandwidth_huge_GBps"] = statistics.median(bws_huge) / 1e9
     row["copy_bandwidth_huge_GBps_runs"] = [b / 1e9 for b in bws_huge]
     fractions_huge, step_fractions_huge = per_pair(bws_huge)

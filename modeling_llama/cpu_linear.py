@@ -35,10 +35,11 @@ so a plain ``generate()`` on CPU streams its steps' weights this way too.
 multiple of 32, K even): on a CPU with AVX512-BF16 one dot-product instruction then multiplies a 64-byte weight
 piece by one input row's k pair, broadcast, into 16 column sums, with no sums across lanes at the end and a
 4-byte load per instruction where the row form loads 64 bytes; each thread reads its blocks as one sequential
-stream. On 2-core Zen 5 at 8 rows it ran the ``100M`` preset's step products 1.2-1.4x faster than the row form
-and LLaMA-7B's 2.2-2.5x (``benchmarks/cpu_linear_packed.c``); at 1-4 rows the two are even. Any number of rows
-(each group of 8 re-reads its block from cache). :class:`FastDecoder` keeps packed copies for its bf16 steps
-(``packed_weights``); elsewhere the widening form runs the same layout.
+stream. On 2-core Zen 5 at 8 rows it ran the ``100M`` preset's step products 1.21-1.45x faster than the row form
+and LLaMA-7B's 1.7-2.5x (``benchmarks/cpu_linear_packed.c``); at 1-2 rows the two are even
+(``benchmarks/packed_rows.py``). Any number of rows (each group of 8 re-reads its block from cache).
+:class:`FastDecoder` keeps packed copies for its bf16 steps (``packed_weights``); elsewhere the widening form runs
+the same layout.
 
 The ops' CPU implementations are C++ where a C++ compiler and torch's headers are there (a few lines of glue, built
 once with the kernel and cached, :func:`native`): the decode step calls it 85 times per token, and the Python
@@ -421,9 +422,9 @@ int llama_small_batch_linear_bf16(const uint16_t* x, int64_t M, const uint16_t* 
    multiplies each 64-byte half by one input row's k pair, broadcast (4 bytes), adding into 16 column sums; 16 sums
    for 8 rows. Per instruction it loads a broadcast and a sixteenth of a weight piece, where the row form loads a
    64-byte input piece and an eighth, then reduces each sum at the row's end, and each thread reads its blocks as
-   one sequential stream (benchmarks/cpu_linear_packed.c: on 2-core Zen 5 at 8 rows 1.2-1.4x the row form's rate
-   on the 100M preset's step, 2.2-2.5x on LLaMA-7B's products; a layout of 16-column blocks, read two at a time,
-   measured 0.9-1.2x and 2.2-2.3x). Rows beyond 8 reuse the block from L1/L2. */
+   one sequential stream (benchmarks/cpu_linear_packed.c: on 2-core Zen 5 at 8 rows 1.21-1.45x the row form's rate
+   on the 100M preset's step, 1.7-2.5x on LLaMA-7B's products; a layout of 16-column blocks, read two at a time,
+   measured 1.03-1.18x and 1.65-2.12x in the same runs). Rows beyond 8 reuse the block from L1/L2. */
 #if BF16_DOT
 #define DEFINE_PACKED(NAME, MM)                                                                             \
 static void NAME(const uint16_t* x, int64_t K, const uint16_t* pa, int prefetch, uint16_t* y, int64_t ldy) {  \

@@ -24,6 +24,9 @@ memory-bound. :class:`FastDecoder` is the path for latency:
   batch 1 as well where its bf16 form is the CPU's dot-product instruction (AVX512-BF16: on 2 Intel cores ~1.5-2x
   the rate of inductor's loop and of oneDNN's bf16 products); where the kernel cannot be built, the bf16 linears
   stay matmuls and inductor's freezing pre-packs the weights for oneDNN.
+- in bf16 on a CPU with AVX512-BF16 at batch 4-16, the step's products read copies of the weights packed for
+  :func:`cpu_linear.packed_linear` (made once, one more copy of the linear weights in memory where it fits:
+  ``packed_weights``): on 2-core Zen 5 the batch-8 steps took 0.85x the time of the row kernel's;
 - the rotary cos/sin of every position computed once (eager, float32, as the module computes them) and looked up
   in the compiled step: computed inside it, inductor fused them into the attention-score reduction and
   recomputed them for every cached key (2 CPUs, batch 8: attention 1.1 ms per layer, 0.65 ms with the table);
@@ -153,9 +156,10 @@ def _rotary_table_forward(self: LlamaRotaryEmbedding, x: torch.Tensor, position_
 
 
 # The smallest batch for which FastDecoder packs the weights by default (bf16 on a CPU with AVX512-BF16). The packed
-# products against the row form's on 2-core Zen 5, the 100M preset's step shapes through the op: 0.97x at 1 row,
-# 1.03x at 2 and 4, 1.16x at 8, 1.55x at 16; below 8 rows the copy would cost its memory for next to nothing.
-PACKED_MIN_BATCH = 8
+# products against the row form's on 2-core Zen 5, the 100M preset's step products through the ops, two runs
+# (benchmarks/packed_rows.py): 1.03-1.08x at 1 row, 1.01-1.03x at 2, 1.03-1.20x at 4, 1.14-1.47x at 8, 1.61-1.88x
+# at 16; at 1-2 rows the second copy of the weights would cost its memory for next to nothing.
+PACKED_MIN_BATCH = 4
 
 
 def _available_memory() -> int | None:
@@ -210,15 +214,16 @@ class FastDecoder:
             decoder). ``None`` (default): packed where measured faster and where the copy fits: the CPU has bf16
             dot products (AVX512-BF16), the batch is :data:`PACKED_MIN_BATCH` .. ``cpu_linear.MAX_ROWS`` and the
             copy takes at most half of the available memory (on 2-core Zen 5, ``100M`` preset, batch 8: the steps
-            took 0.93x the time, ``benchmarks/RESULTS.md``). ``True``: packed wherever it can be (any batch, and the
+            took 0.85x the time, ``benchmarks/RESULTS.md``). ``True``: packed wherever it can be (any batch, and the
             kernel's widening form on CPUs without bf16 dot products); a ``ValueError`` where it cannot (not bf16,
             CUDA, ``compile=False``, no kernel). Weights with N not a multiple of 32 or K odd stay unpacked.
 
     The decoder works on ``model`` itself, not on a copy (a second copy of the weights would double the memory):
     it converts the model to ``dtype`` in place and installs forwards on its linear and rotary modules that compute
     the same products outside :meth:`generate` (their fast forms are only traced by its compiled steps); on CPU it
-    moves the linear weights' data to huge pages (``huge_pages``). The model's attention implementation is the
-    step's during :meth:`generate` only. Pass ``copy.deepcopy(model)`` to keep the original dtype.
+    moves the linear weights' data to huge pages (``huge_pages``), or, where it packs them (``packed_weights``: the
+    one copy it makes, and only where it fits), leaves them and puts the packed copies there. The model's attention
+    implementation is the step's during :meth:`generate` only. Pass ``copy.deepcopy(model)`` to keep the original dtype.
 
     Example::
 
@@ -382,8 +387,9 @@ class FastDecoder:
         if not linears:
             return 0
         sizes = [-(-m.weight.numel() * 2 // 64) * 64 for m in linears]  # (each 64-byte aligned)
-        on_huge = huge_pages and thp.available()
-        arena = thp.empty(sum(sizes)) if on_huge else torch.empty(sum(sizes), dtype=torch.uint8)
+        arena = thp._mapped(sum(sizes)) if huge_pages and thp.available() else None  # (None: refused, warned)
+        on_huge = arena is not None
+        arena = arena if on_huge else torch.empty(sum(sizes), dtype=torch.uint8)
         offset = 0
         for m, size in zip(linears, sizes):
             m._fast_packed = cpu_linear.pack_weight(m.weight, out=arena[offset : offset + m.weight.numel() * 2])

@@ -6,12 +6,20 @@ import pytest
 import torch
 from conftest import op_calls, twin_models
 
-from modeling_llama import FastDecoder, cpu_attention
+from modeling_llama import FastDecoder, cpu_attention, cpu_linear
 
 # the attention FastDecoder's CPU steps run: the one-row kernel where it builds, else eager
 STEP_ATTN = cpu_attention.ATTN_IMPLEMENTATION if cpu_attention.available() else "eager"
 
 PROMPT, NEW = 7, 12
+
+
+@pytest.fixture(autouse=True)
+def _drop_cached_kernel_choices():
+    """Some tests here patch ``cpu_linear.available``; ``cpu_linear.eager_rows`` caches what it saw (an eager
+    forward under the patch would leave later tests, in other files too, without the kernel): drop it after each."""
+    yield
+    cpu_linear.eager_rows.cache_clear()
 
 
 def stock_greedy(stock, prompt: torch.Tensor, new: int) -> torch.Tensor:
