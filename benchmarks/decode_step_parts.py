@@ -24,8 +24,9 @@ tokens equal.
 With ``--against REV`` a seventh decoder, ``kernels at REV``, runs the CPU kernels as they were at git revision
 ``REV`` (``cpu_linear``'s C kernel and C++ glue, ``cpu_attention``'s kernel, built from that revision's sources as
 ops of the namespace ``llama_hf_rev``), with the step's size asserts back on where ``REV`` had them: the step of one
-revision against another's, side by side (files ``decode_step_parts_against_<REV>``). Its tokens may differ from
-``all``'s where the revisions sum in other orders; they are reported, not asserted (as are ``eager attention``'s
+revision against another's, side by side (files ``decode_step_parts_against_<REV>``); where ``REV`` has the packed
+product (``packed_linear``), that decoder packs its weights as ``all`` does and runs ``REV``'s packed op. Its tokens
+may differ from ``all``'s where the revisions sum in other orders; they are reported, not asserted (as are ``eager attention``'s
 in bf16, where inductor's math rounds the scores and weights to bf16).
 """
 
@@ -62,6 +63,7 @@ def _python_op_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
 
 REV_ATTENTION = "llama_hf_decode_rev"
 _REV_LIB = None
+REV_PACKED = False  # whether the revision given to kernels_at has the packed product (its decoder then packs)
 
 
 def kernels_at(rev: str) -> bool:
@@ -77,7 +79,9 @@ def kernels_at(rev: str) -> bool:
     rename = ("TORCH_LIBRARY_IMPL(llama_hf,", "TORCH_LIBRARY_IMPL(llama_hf_rev,")
     kernel = cpu_linear._build_kernel("llama_small_batch_linear_rev", source_at(rev, linear))
     glue_source = source_at(rev, linear, "_NATIVE_SOURCE")
-    if '"packed_linear"' in glue_source:  # (the revision's glue implements it too: its schema, for the dispatcher)
+    global REV_PACKED
+    REV_PACKED = '"packed_linear"' in glue_source
+    if REV_PACKED:  # (the revision's glue implements it too: its schema, for the dispatcher)
         _REV_LIB.define("packed_linear(Tensor x, Tensor packed) -> Tensor")
         torch.library.register_fake("llama_hf_rev::packed_linear", cpu_linear._packed_fake, lib=_REV_LIB)
     glue = cpu_linear._build_glue("llama_hf_ops_rev", glue_source.replace(*rename))
@@ -108,6 +112,9 @@ def kernels_at(rev: str) -> bool:
 
 def _rev_op_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     if torch.compiler.is_compiling():
+        packed = getattr(self, "_fast_packed", None)  # (where the revision has the packed op: its decoder packs)
+        if packed is not None:
+            return torch.ops.llama_hf_rev.packed_linear(x, packed)
         return torch.ops.llama_hf_rev.small_batch_linear(x, self.weight)
     return fast_decode._eager_linear(self, x)
 
@@ -162,7 +169,9 @@ def main() -> int:
             attn_implementation=attn.get(name),
             cpp_wrapper=name == "C++ wrapper",
             huge_pages=name != "4 KB pages",
-            packed_weights=False if name in ("unpacked weights", "op in Python", rev) else None,
+            packed_weights=False
+            if name in ("unpacked weights", "op in Python") or (name == rev and not REV_PACKED)
+            else None,
         )
         for name, m in models.items()
     }

@@ -47,7 +47,11 @@ _SOURCE = r"""
 #include <immintrin.h>
 #endif
 
-#define PF 8  // rows of prefetch distance
+// The prefetch distance: 8 KB of rows ahead (64 bf16 rows of 64), at least 8 rows. On 2-core Zen 5, bf16, batch 8,
+// 12 x 64 heads, 65 positions written: 8 rows ahead (the distance before 2026-12-02) 81-126 us a layer, 16 rows
+// 1.40x faster, 32 rows 1.32x, 64 rows 1.63x, 128 rows 0.84x; fp32 at 64 rows (16 KB) 1.29x, but 0.94x with 32 x
+// 128 heads (32 KB ahead: beyond L1). benchmarks/decode_attention.py, benchmarks/RESULTS.md.
+#define PF_BYTES 8192
 
 typedef float v8 __attribute__((vector_size(32)));
 typedef uint32_t u32x8 __attribute__((vector_size(32)));
@@ -128,6 +132,7 @@ static void attend(const T* q, int64_t sqb, int64_t sqh, const T* k, int64_t skb
                    int64_t smb, int64_t smh, int64_t B, int64_t H, int64_t Hk, int64_t S, int64_t D, float scale,
                    T* out) {
     const int64_t groups = H / Hk;
+    const int64_t row_bytes = D * (int64_t)sizeof(T), pf = PF_BYTES / row_bytes > 8 ? PF_BYTES / row_bytes : 8;
 #pragma omp parallel
     {
         std::vector<float> sc(S + 8), acc(D);  // the read positions' scores, then their weights
@@ -137,6 +142,10 @@ static void attend(const T* q, int64_t sqb, int64_t sqh, const T* k, int64_t skb
             const int64_t b = bh / H, h = bh % H, hk = h / groups;
             const T* qr = q + b * sqb + h * sqh;
             const T* kb = k + b * skb + hk * skh;
+            // the next pair's keys (this thread's next pair but at the end of its share): their first rows are
+            // prefetched during this pair's value pass, so its score pass does not start cold
+            const int64_t bn = (bh + 1) / H, hkn = ((bh + 1) % H) / groups;
+            const T* kn = bh + 1 < B * H ? k + bn * skb + hkn * skh : nullptr;
             const T* vb = v + b * svb + hk * svh;
             const float* mf = maskf ? maskf + b * smb + h * smh : nullptr;  // this pair's mask row
             const uint8_t* mb = maskb ? maskb + b * smb + h * smh : nullptr;
@@ -145,17 +154,17 @@ static void attend(const T* q, int64_t sqb, int64_t sqh, const T* k, int64_t skb
                 if (mf ? mf[p] > -1e30f : mb ? mb[p] != 0 : true) pos[n++] = p;
             if (n == 0)  // every position masked: computed anyway, as the eager math does
                 for (; n < S; n++) pos[n] = n;
-            // scores, one key row at a time, each read in order; the row PF ahead prefetched whole (a head's rows
+            // scores, one key row at a time, each read in order; the row pf ahead prefetched whole (a head's rows
             // are short streams: 18% faster from memory), the first key and value rows before the keys are read.
             // (Eight keys at a time, each piece of q loaded once for all eight, reads eight rows interleaved: 0.91x-
             // 0.99x the speed of this form on Zen 3 in fp32 and bf16, 2026-12-01.)
-            for (int64_t i = 0; i < n && i < PF; i++) {
+            for (int64_t i = 0; i < n && i < pf; i++) {
                 prefetch_row(kb + pos[i] * sks, D * sizeof(T));
                 prefetch_row(vb + pos[i] * svs, D * sizeof(T));
             }
             int64_t i = 0;
             for (; i < n; i++) {
-                if (i + PF < n) prefetch_row(kb + pos[i + PF] * sks, D * sizeof(T));
+                if (i + pf < n) prefetch_row(kb + pos[i + pf] * sks, D * sizeof(T));
                 sc[i] = dot(qr, kb + pos[i] * sks, D);
             }
             float mx = -INFINITY;
@@ -181,7 +190,10 @@ static void attend(const T* q, int64_t sqb, int64_t sqh, const T* k, int64_t skb
                 const T* vr[4];
                 for (int j = 0; j < 4; j++) {
                     vr[j] = vb + pos[i + j] * svs;
-                    if (i + PF + j < n) prefetch_row(vb + pos[i + PF + j] * svs, D * sizeof(T));
+                    if (i + pf + j < n)
+                        prefetch_row(vb + pos[i + pf + j] * svs, D * sizeof(T));
+                    else if (kn && i + pf + j - n < S)  // (the next pair's positions: mostly the same)
+                        prefetch_row(kn + (i + pf + j - n) * sks, D * sizeof(T));
                 }
                 const float* w = &sc[i];
                 const v8 w0 = (v8){} + w[0], w1 = (v8){} + w[1], w2 = (v8){} + w[2], w3 = (v8){} + w[3];
