@@ -26,8 +26,8 @@ With ``--against REV`` a seventh decoder, ``kernels at REV``, runs the CPU kerne
 ops of the namespace ``llama_hf_rev``), with the step's size asserts back on where ``REV`` had them: the step of one
 revision against another's, side by side (files ``decode_step_parts_against_<REV>``); where ``REV`` has the packed
 product (``packed_linear``), that decoder packs its weights as ``all`` does and runs ``REV``'s packed op. Its tokens
-may differ from ``all``'s where the revisions sum in other orders; they are reported, not asserted (as are ``eager attention``'s
-in bf16, where inductor's math rounds the scores and weights to bf16).
+may differ from ``all``'s where the revisions sum in other orders; they are reported, not asserted (as are
+``eager attention``'s in bf16, where inductor's math rounds the scores and weights to bf16).
 """
 
 from __future__ import annotations
