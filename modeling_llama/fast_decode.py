@@ -386,14 +386,17 @@ class FastDecoder:
         return the bytes packed (counted in :attr:`huge_page_bytes` too where they are on huge pages)."""
         if not linears:
             return 0
-        sizes = [-(-m.weight.numel() * 2 // 64) * 64 for m in linears]  # (each 64-byte aligned)
+        weights = list({id(m.weight): m.weight for m in linears}.values())  # (a weight shared by modules: once)
+        sizes = [-(-w.numel() * 2 // 64) * 64 for w in weights]  # (each 64-byte aligned)
         arena = thp._mapped(sum(sizes)) if huge_pages and thp.available() else None  # (None: refused, warned)
         on_huge = arena is not None
         arena = arena if on_huge else torch.empty(sum(sizes), dtype=torch.uint8)
-        offset = 0
-        for m, size in zip(linears, sizes):
-            m._fast_packed = cpu_linear.pack_weight(m.weight, out=arena[offset : offset + m.weight.numel() * 2])
+        offset, packed = 0, {}
+        for w, size in zip(weights, sizes):
+            packed[id(w)] = cpu_linear.pack_weight(w, out=arena[offset : offset + w.numel() * 2])
             offset += size
+        for m in linears:
+            m._fast_packed = packed[id(m.weight)]
         if on_huge:
             thp.collapse(arena)
             self.huge_page_bytes += offset

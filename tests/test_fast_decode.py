@@ -341,6 +341,12 @@ def test_packed_weights_default_rule(monkeypatch):
 
     weights = sum(m.weight.numel() * 2 for m in twin_models(seed=13)[0].modules() if isinstance(m, torch.nn.Linear))
     assert packed_bytes() >= weights
+    tied, _ = twin_models(seed=13)  # a weight shared by two modules (as a tied LM head is): packed once, for both
+    tied.model.layers[0].self_attn.k_proj.weight = tied.model.layers[0].self_attn.q_proj.weight
+    dec = FastDecoder(tied, batch_size=batch, max_length=16, dtype=torch.bfloat16)
+    attn = tied.model.layers[0].self_attn
+    assert attn.k_proj._fast_packed is attn.q_proj._fast_packed
+    assert dec.packed_bytes < weights
     assert packed_bytes(packed_weights=False) == 0
     assert packed_bytes(dtype=torch.float32) == 0
     assert packed_bytes(compile=False) == 0
