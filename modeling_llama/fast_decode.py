@@ -26,7 +26,8 @@ memory-bound. :class:`FastDecoder` is the path for latency:
   stay matmuls and inductor's freezing pre-packs the weights for oneDNN.
 - in bf16 on a CPU with AVX512-BF16 at batch 4-16, the step's products read copies of the weights packed for
   :func:`cpu_linear.packed_linear` (made once, one more copy of the linear weights in memory where it fits:
-  ``packed_weights``): on 2-core Zen 5 the batch-8 steps took 0.85x the time of the row kernel's;
+  ``packed_weights``): on 2-core Zen 5 the batch-8 steps took 0.85x the time of the row kernel's at the ``100M``
+  preset, 0.58x at ``1B``;
 - the rotary cos/sin of every position computed once (eager, float32, as the module computes them) and looked up
   in the compiled step: computed inside it, inductor fused them into the attention-score reduction and
   recomputed them for every cached key (2 CPUs, batch 8: attention 1.1 ms per layer, 0.65 ms with the table);
@@ -213,10 +214,11 @@ class FastDecoder:
             memory (:attr:`packed_bytes`), and weights changed after this are not seen by the steps (build a new
             decoder). ``None`` (default): packed where measured faster and where the copy fits: the CPU has bf16
             dot products (AVX512-BF16), the batch is :data:`PACKED_MIN_BATCH` .. ``cpu_linear.MAX_ROWS`` and the
-            copy takes at most half of the available memory (on 2-core Zen 5, ``100M`` preset, batch 8: the steps
-            took 0.85x the time, ``benchmarks/RESULTS.md``). ``True``: packed wherever it can be (any batch, and the
-            kernel's widening form on CPUs without bf16 dot products); a ``ValueError`` where it cannot (not bf16,
-            CUDA, ``compile=False``, no kernel). Weights with N not a multiple of 32 or K odd stay unpacked.
+            copy takes at most half of the available memory (on 2-core Zen 5 at batch 8 the steps took 0.85x the
+            time at the ``100M`` preset, 0.58x at ``1B``: ``benchmarks/RESULTS.md``). ``True``: packed wherever it
+            can be (any batch, and the kernel's widening form on CPUs without bf16 dot products); a ``ValueError``
+            where it cannot (not bf16, CUDA, ``compile=False``, no kernel). Weights with N not a multiple of 32 or K
+            odd stay unpacked.
 
     The decoder works on ``model`` itself, not on a copy (a second copy of the weights would double the memory):
     it converts the model to ``dtype`` in place and installs forwards on its linear and rotary modules that compute
