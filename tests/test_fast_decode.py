@@ -310,6 +310,10 @@ def test_packed_weights_steps_match_the_bf16_model_and_leave_the_model_alone():
     assert dec.packed_bytes >= sum(m.weight.numel() * 2 for m in packed)
     for m in packed:
         assert torch.equal(fd.cpu_linear.unpack_weight(m._fast_packed), m.weight)
+    # on huge pages where the system has them: the packed copies (which the steps read) and the unpacked LM head;
+    # the packed modules' own weights stay where they were
+    lm_head = ours.lm_head.weight.numel() * 2
+    assert dec.huge_page_bytes == ((dec.packed_bytes + -(-lm_head // 64) * 64) if fd.thp.available() else 0)
     prompt = torch.randint(3, 500, (3, PROMPT), generator=torch.Generator().manual_seed(12))
     out = dec.generate(prompt, NEW)
     assert chosen_gap(stock.to(torch.bfloat16), prompt, out) <= 0.02
