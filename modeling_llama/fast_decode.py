@@ -175,6 +175,23 @@ def _available_memory() -> int | None:
     return None
 
 
+def _refuse_packing(device: torch.device, dtype: torch.dtype, compile: bool) -> None:
+    """Raise ``ValueError`` where ``packed_weights=True`` cannot apply (before :class:`FastDecoder` touches the
+    model)."""
+    why = (
+        "it runs on CUDA" if device.type == "cuda"
+        else f"dtype is {dtype}, not torch.bfloat16" if dtype != torch.bfloat16
+        else "compile=False (only the compiled steps read them)" if not compile
+        else "cpu_linear's kernel could not be built here (no C compiler?)" if not cpu_linear.forms().get("packed")
+        else None
+    )  # fmt: skip
+    if why:
+        raise ValueError(
+            f"packed_weights=True needs a compiled bf16 decoder on CPU with cpu_linear's kernel; {why}. Pass "
+            "packed_weights=None (where it applies) or False."
+        )
+
+
 class FastDecoder:
     """Greedy decoding of a causal LM through a static cache and a compiled one-token step.
 
@@ -255,6 +272,8 @@ class FastDecoder:
         if dtype is None:
             dtype = torch.bfloat16 if native_bf16(self.device) else torch.float32
         self.dtype = dtype
+        if packed_weights:  # (refused before the model is touched)
+            _refuse_packing(self.device, dtype, compile)
         self.model = model.to(dtype).eval()
         self.batch_size = batch_size
         self.max_length = max_length
@@ -352,21 +371,11 @@ class FastDecoder:
     def _packable(
         self, model: nn.Module, packed_weights: bool | None, batch_size: int, compile: bool, streaming
     ) -> list:
-        """The linear modules whose weights the compiled steps read packed (:attr:`packed_weights`' rule)."""
+        """The linear modules whose weights the compiled steps read packed (the ``packed_weights`` argument's rule;
+        ``True`` was checked by :func:`_refuse_packing`)."""
         forms = cpu_linear.forms() if not self.cuda else {}
-        if packed_weights is False:
+        if packed_weights is False or self.cuda:
             return []
-        if packed_weights and (self.cuda or self.dtype != torch.bfloat16 or not forms.get("packed") or not compile):
-            why = (
-                "it runs on CUDA" if self.cuda
-                else f"dtype is {self.dtype}, not torch.bfloat16" if self.dtype != torch.bfloat16
-                else "compile=False (only the compiled steps read them)" if not compile
-                else "cpu_linear's kernel could not be built here (no C compiler?)"
-            )  # fmt: skip
-            raise ValueError(
-                f"packed_weights=True needs a compiled bf16 decoder on CPU with cpu_linear's kernel; {why}. Pass "
-                "packed_weights=None (where it applies) or False."
-            )
         linears = [m for m in model.modules() if isinstance(m, nn.Linear) and cpu_linear.packable(m.weight)]
         if packed_weights is None:  # the default: where measured faster, and where the copies fit
             nbytes = sum(m.weight.numel() * 2 for m in {id(m.weight): m for m in linears}.values())

@@ -366,8 +366,11 @@ def test_packed_weights_default_rule(monkeypatch):
 
 
 def test_packed_weights_refused_where_they_cannot_apply():
+    """A clear error, before the model is touched (not cast, no forwards installed)."""
     ours, _ = twin_models()
     with pytest.raises(ValueError, match="not torch.bfloat16"):
         FastDecoder(ours, batch_size=8, max_length=16, dtype=torch.float32, packed_weights=True)
     with pytest.raises(ValueError, match="compile=False"):
         FastDecoder(ours, batch_size=8, max_length=16, dtype=torch.bfloat16, compile=False, packed_weights=True)
+    assert all(p.dtype == torch.float32 for p in ours.parameters())
+    assert not any("forward" in vars(m) for m in ours.modules())
