@@ -218,16 +218,19 @@ def main() -> int:
     }
 
     steps = {name: [] for name in names}
+    prefills = {name: [] for name in names}  # (the eager prefill: packed copies where `all` packs, bf16 dot products)
     for i in range(args.rounds):
         for name in names[i % len(names) :] + names[: i % len(names)]:  # each decoder first in turn
             dec = decoders[name]
             t = time.perf_counter()
             dec.generate(prompt, 1)
             prefill = time.perf_counter() - t
+            prefills[name].append(prefill * 1e3)
             t = time.perf_counter()
             dec.generate(prompt, args.new_tokens + 1)
             steps[name].append((time.perf_counter() - t - prefill) / args.new_tokens * 1e3)
     ratios = {n: statistics.median(x / a for x, a in zip(steps[n], steps["all"])) for n in names}
+    pre_ratios = {n: statistics.median(x / a for x, a in zip(prefills[n], prefills["all"])) for n in names}
     result = {
         "meta": run_meta(preset=args.preset, batch=args.batch, prompt=args.prompt, new_tokens=args.new_tokens,
                          rounds=args.rounds),
@@ -236,13 +239,21 @@ def main() -> int:
         "step_ms": {k: [round(v, 3) for v in vs] for k, vs in steps.items()},
         "step_ms_median": {k: round(statistics.median(v), 3) for k, v in steps.items()},
         "step_over_all_median_of_rounds": {k: round(v, 4) for k, v in ratios.items()},
+        "prefill_ms": {k: [round(v, 3) for v in vs] for k, vs in prefills.items()},
+        "prefill_ms_median": {k: round(statistics.median(v), 3) for k, v in prefills.items()},
+        "prefill_over_all_median_of_rounds": {k: round(v, 4) for k, v in pre_ratios.items()},
         "dtype": str(decoders["all"].dtype),
         "tokens_equal_to_all": same,
     }  # fmt: skip
     md = (
         f"| batch {args.batch}, `{args.preset}`, prompt {args.prompt} + {args.new_tokens} new, {args.rounds} rounds "
-        "| steady step, ms (median) | step / `all` (median of rounds) |\n|---|---|---|\n"
-        + "".join(f"| {n} | {result['step_ms_median'][n]:.2f} | {ratios[n]:.3f}x |\n" for n in names)
+        "| steady step, ms (median) | step / `all` (median of rounds) | prefill, ms (median) | prefill / `all` |\n"
+        "|---|---|---|---|---|\n"
+        + "".join(
+            f"| {n} | {result['step_ms_median'][n]:.2f} | {ratios[n]:.3f}x | {result['prefill_ms_median'][n]:.1f} "
+            f"| {pre_ratios[n]:.3f}x |\n"
+            for n in names
+        )
         + f"\nOne call of the product op on a tiny product (best of 3): C++ {min(costs['cpp']):.1f} µs, "
         f"Python {min(costs['python']):.1f} µs.\n"
     )

@@ -4,7 +4,9 @@ packed by ``pack_weight``), over the products of one decode step of a preset (q/
 ``FastDecoder`` runs them, and the LM head), each weight read once from memory per pass.
 
 This is what decides from which batch ``FastDecoder`` packs its weights by default (``PACKED_MIN_BATCH``): each
-call includes the op's dispatch, as in the compiled step. Every packed result is checked against the row form's
+call includes the op's dispatch, as in the compiled step. Beyond ``cpu_linear.MAX_ROWS`` rows the row form's op is
+``F.linear`` (oneDNN's bf16 GEMM), what an eager prefill runs: ``--rows 32,64,256 --stem packed_rows_prefill``
+compares the packed form with it there. Every packed result is checked against the row form's
 (within one bf16 rounding of each other: both sum in float32, in other orders).
 
     python benchmarks/packed_rows.py [--rows 1,2,4,8,16] [--rounds 9] [--out benchmarks/results/cpu-zen5]
@@ -40,7 +42,8 @@ def main() -> int:
     p.add_argument("--preset", default="100M")
     p.add_argument("--rows", default="1,2,4,8,16", help="comma-separated row counts")
     p.add_argument("--rounds", type=int, default=9, help="timed passes per form and row count, forms alternating")
-    p.add_argument("--out", default="benchmarks/results/cpu-zen5", help="folder for packed_rows.{json,md}")
+    p.add_argument("--out", default="benchmarks/results/cpu-zen5", help="folder for <stem>.{json,md}")
+    p.add_argument("--stem", default="packed_rows", help="the result files' name")
     args = p.parse_args()
     rows_list = [int(r) for r in args.rows.split(",") if r.strip()]
     if not cpu_linear.available(torch.bfloat16) or not cpu_linear.forms().get("packed"):
@@ -89,7 +92,8 @@ def main() -> int:
         "table": table,
     }
     md = (
-        f"| `{args.preset}` step products ({gb * 1e3:.0f} MB of bf16 weights), through the ops | rows form GB/s "
+        f"| `{args.preset}` step products ({gb * 1e3:.0f} MB of bf16 weights), through the ops "
+        f"| rows form GB/s (F.linear beyond {cpu_linear.MAX_ROWS} rows) "
         "| packed GB/s | packed speed-up (median of rounds) |\n|---|---|---|---|\n"
         + "".join(
             f"| {t['rows']} rows | {t['rows_GBps']:.1f} | {t['packed_GBps']:.1f} | "
@@ -97,7 +101,7 @@ def main() -> int:
             for t in table
         )
     )
-    write_results(args.out, "packed_rows", result, md)
+    write_results(args.out, args.stem, result, md)
     return 0
 
 

@@ -119,10 +119,17 @@ def _streaming_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return _eager_linear(self, x)
 
 
+# Set by FastDecoder around its eager prefill where it packed the weights (and the kernel has its dot-product form):
+# the prefill's products then read the packed copies too (2-core Zen 5, bf16, the 100M preset's step products:
+# 1.67x oneDNN's F.linear at 32 rows, 1.35x at 64, 1.12x at 256; benchmarks/packed_rows.py, RESULTS.md).
+_PREFILL_PACKED: contextvars.ContextVar[bool] = contextvars.ContextVar("llama_prefill_packed", default=False)
+
+
 def _packed_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """``F.linear`` that, while being compiled, calls :func:`cpu_linear.packed_linear` on the decoder's packed copy
-    of the weight (``_fast_packed``, made once by :class:`FastDecoder`)."""
-    if torch.compiler.is_compiling():
+    """``F.linear`` that, while being compiled or in :class:`FastDecoder`'s prefill, calls
+    :func:`cpu_linear.packed_linear` on the decoder's packed copy of the weight (``_fast_packed``, made once by the
+    decoder)."""
+    if torch.compiler.is_compiling() or _PREFILL_PACKED.get():
         y = torch.ops.llama_hf.packed_linear(x, self._fast_packed)
         return y if self.bias is None else y + self.bias
     return _eager_linear(self, x)
@@ -226,16 +233,17 @@ class FastDecoder:
         packed_weights: on CPU in bf16, have the compiled steps read a copy of each linear weight packed for
             :func:`cpu_linear.packed_linear` (blocks of 32 output columns, each k pair side by side: the CPU's bf16
             dot products then need no sums across lanes, and each thread reads one sequential stream). The copy is
-            made once, here, in one buffer (on huge pages with ``huge_pages``); the model's own weights are kept,
-            unchanged, for the prefill and any other use, so this costs one more copy of the linear weights in
-            memory (:attr:`packed_bytes`), and weights changed after this are not seen by the steps (build a new
-            decoder). ``None`` (default): packed where measured faster and where the copy fits: the CPU has bf16
-            dot products (AVX512-BF16), the batch is :data:`PACKED_MIN_BATCH` .. ``cpu_linear.MAX_ROWS`` and the
-            copy takes at most half of the available memory (on 2-core Zen 5 at batch 8 the steps took 0.85x the
-            time at the ``100M`` preset, 0.58x at ``1B``: ``benchmarks/RESULTS.md``). ``True``: packed wherever it
-            can be (any batch, and the kernel's widening form on CPUs without bf16 dot products); a ``ValueError``
-            where it cannot (not bf16, CUDA, ``compile=False``, no kernel). Weights with N not a multiple of 32 or K
-            odd stay unpacked.
+            made once, here, in one buffer (on huge pages with ``huge_pages``), and :meth:`generate`'s prefill reads
+            it too where the kernel has its dot-product form (1.10x-1.16x faster prefills at batch 4-8 on Zen 5);
+            the model's own weights are kept, unchanged, for any other use, so this costs one more copy of the
+            linear weights in memory (:attr:`packed_bytes`), and weights changed after this are not seen by
+            :meth:`generate` (build a new decoder). ``None`` (default): packed where measured faster and where
+            the copy fits: the CPU has bf16 dot products (AVX512-BF16), the batch is :data:`PACKED_MIN_BATCH` ..
+            ``cpu_linear.MAX_ROWS`` and the copy takes at most half of the available memory (on 2-core Zen 5 at
+            batch 8 the steps took 0.85x the time at the ``100M`` preset, 0.58x at ``1B``:
+            ``benchmarks/RESULTS.md``). ``True``: packed wherever it can be (any batch, and the kernel's widening
+            form on CPUs without bf16 dot products); a ``ValueError`` where it cannot (not bf16, CUDA,
+            ``compile=False``, no kernel). Weights with N not a multiple of 32 or K odd stay unpacked.
 
     The decoder works on ``model`` itself, not on a copy (a second copy of the weights would double the memory):
     it converts the model to ``dtype`` in place and installs forwards on its linear and rotary modules that compute
@@ -324,6 +332,9 @@ class FastDecoder:
         # the weights every step streams, on 2-MB pages: fewer TLB misses (CPU; frozen weights are inductor's copies)
         self.huge_page_bytes = 0
         self.packed_bytes = self._pack(packed, huge_pages)
+        # the eager prefill's products on the packed copies too, in the dot-product form (faster than oneDNN's bf16
+        # GEMM at 32-256 rows; the widening form is not, and the prefill keeps its own path there)
+        self._prefill_packed = bool(self.packed_bytes) and cpu_linear.forms().get("bf16_dot", False)
         if huge_pages and not self.cuda and not (options or {}).get("freezing"):
             linears = (m.weight for m in model.modules() if isinstance(m, nn.Linear) and id(m) not in packed_ids)
             self.huge_page_bytes += thp.move_parameters(linears)
@@ -504,6 +515,7 @@ class FastDecoder:
         if len(self.buckets) > 1 and getattr(self.cache.layers[0], "is_initialized", False):
             prefill_cache = self._bucket_cache(next(b for b in self.buckets if b >= t))
         flag = _PREFILL_WXT.set(self._prefill_wxt)
+        packed_flag = _PREFILL_PACKED.set(self._prefill_packed)
         config = self.model.config
         if self._prefill_attn is not None:
             config._attn_implementation = self._prefill_attn
@@ -511,6 +523,7 @@ class FastDecoder:
             nxt = self._forward(input_ids, torch.arange(t, device=self.device), prefill_cache)  # prefill, eager
         finally:
             _PREFILL_WXT.reset(flag)
+            _PREFILL_PACKED.reset(packed_flag)
             config._attn_implementation = self.attn_implementation
         tokens = [nxt]
         positions = torch.arange(t, t + max_new_tokens, device=self.device)

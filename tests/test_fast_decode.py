@@ -319,13 +319,17 @@ def test_packed_weights_steps_match_the_bf16_model_and_leave_the_model_alone():
     assert chosen_gap(stock.to(torch.bfloat16), prompt, out) <= 0.02
     steps = 2  # generate(prompt, 3): the prefill (eager), then two compiled steps
     n_layers = ours.config.num_hidden_layers
-    assert op_calls(lambda: dec.generate(prompt, 3), "llama_hf::packed_linear") == steps * 7 * n_layers
+    # the prefill reads the packed copies too where the kernel has its dot-product form (AVX512-BF16)
+    assert dec._prefill_packed == fd.cpu_linear.forms()["bf16_dot"]
+    calls = (steps + dec._prefill_packed) * 7 * n_layers
+    assert op_calls(lambda: dec.generate(prompt, 3), "llama_hf::packed_linear") == calls
     # the LM head (not packable) through the row kernel, once per step (the eager prefill's linears: F.linear)
     assert op_calls(lambda: dec.generate(prompt, 3), "llama_hf::small_batch_linear") == steps
     state = ours.state_dict()
     assert state.keys() == ours_ref.keys() and all(torch.equal(state[k], v) for k, v in ours_ref.items())
     ids = torch.randint(0, 500, (2, 9))
-    with torch.no_grad():
+    with torch.no_grad():  # outside generate() the model's own products (F.linear), not the packed copies
+        assert op_calls(lambda: ours(ids), "llama_hf::packed_linear") == 0
         torch.testing.assert_close(ours(ids).logits, stock(ids).logits, rtol=2e-2, atol=2e-2)
 
 
