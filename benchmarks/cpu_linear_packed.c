@@ -110,23 +110,27 @@ static void rows_form(const uint16_t* x, int64_t M, const uint16_t* w, int64_t N
     }
 }
 
-/* ---- the packed form (N a multiple of 32, K even) ---- */
-static void pack(const uint16_t* w, int64_t N, int64_t K, uint16_t* p) {
-    for (int64_t nb = 0; nb < N / 16; nb++)
+/* ---- the packed forms (N a multiple of 32, K even) ---- */
+/* w (N, K) packed in blocks of W output columns x 2 k: P[n / W][k / 2][W][2] (W = 16 or 32) */
+static void pack(const uint16_t* w, int64_t N, int64_t K, uint16_t* p, int W) {
+    for (int64_t nb = 0; nb < N / W; nb++)
         for (int64_t kp = 0; kp < K / 2; kp++)
-            for (int j = 0; j < 16; j++) {
-                p[((nb * (K / 2) + kp) * 16 + j) * 2] = w[(nb * 16 + j) * K + 2 * kp];
-                p[((nb * (K / 2) + kp) * 16 + j) * 2 + 1] = w[(nb * 16 + j) * K + 2 * kp + 1];
-            }
+            for (int j = 0; j < W; j++)
+                for (int t = 0; t < 2; t++)
+                    p[((nb * (K / 2) + kp) * W + j) * 2 + t] = w[(nb * W + j) * K + 2 * kp + t];
 }
-static void packed_form(const uint16_t* x, int64_t M, const uint16_t* p, int64_t N, int64_t K, uint16_t* y) {
-    const int64_t pairs = N / 32, block = (K / 2) * 32; /* elements of one 16-column block */
+/* 32 columns at a time, 16 sums for 8 rows: from two 16-column blocks (w32 = 0: each thread reads two streams, a
+   block apart) or from one 32-column block (w32 = 1: one stream). Either way a pair of blocks, or one 32-column
+   block, is K * 32 elements; a k pair's two 16-column pieces are a block apart, or side by side. */
+static inline __attribute__((always_inline)) void packed_pairs(const uint16_t* x, int64_t M, const uint16_t* p,
+                                                               int64_t N, int64_t K, uint16_t* y, const int w32) {
+    const int64_t pairs = N / 32, step = w32 ? 64 : 32, half = w32 ? 32 : K * 16;
 #pragma omp parallel
     {
         const int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
         const int64_t per = (pairs + nt - 1) / nt, b0 = t * per, b1 = b0 + per < pairs ? b0 + per : pairs;
         for (int64_t bp = b0; bp < b1; bp++) {
-            const uint16_t *pa = p + 2 * bp * block, *pb = pa + block;
+            const uint16_t *pa = p + bp * K * 32, *pb = pa + half;
             for (int64_t m0 = 0; m0 < M; m0 += 8) { /* (M a multiple of 8 here) */
                 __m512 a[8], b[8];
 #pragma GCC unroll 8
@@ -134,10 +138,10 @@ static void packed_form(const uint16_t* x, int64_t M, const uint16_t* p, int64_t
                 const uint16_t* xr = x + m0 * K;
                 for (int64_t kp = 0; kp < K / 2; kp++) {
                     if (m0 == 0) {
-                        __builtin_prefetch(pa + kp * 32 + PF, 0, 0);
-                        __builtin_prefetch(pb + kp * 32 + PF, 0, 0);
+                        __builtin_prefetch(pa + kp * step + PF, 0, 0);
+                        __builtin_prefetch(pb + kp * step + PF, 0, 0);
                     }
-                    const __m512bh wa = ld_bh(pa + kp * 32), wb = ld_bh(pb + kp * 32);
+                    const __m512bh wa = ld_bh(pa + kp * step), wb = ld_bh(pb + kp * step);
 #pragma GCC unroll 8
                     for (int m = 0; m < 8; m++) {
                         uint32_t v;
@@ -157,53 +161,11 @@ static void packed_form(const uint16_t* x, int64_t M, const uint16_t* p, int64_t
         }
     }
 }
-
-/* ---- the packed form with 32-column blocks (N a multiple of 32, K even): one stream per thread ---- */
-static void pack32(const uint16_t* w, int64_t N, int64_t K, uint16_t* p) {
-    for (int64_t nb = 0; nb < N / 32; nb++)
-        for (int64_t kp = 0; kp < K / 2; kp++)
-            for (int j = 0; j < 32; j++) {
-                p[((nb * (K / 2) + kp) * 32 + j) * 2] = w[(nb * 32 + j) * K + 2 * kp];
-                p[((nb * (K / 2) + kp) * 32 + j) * 2 + 1] = w[(nb * 32 + j) * K + 2 * kp + 1];
-            }
+static void packed_form(const uint16_t* x, int64_t M, const uint16_t* p, int64_t N, int64_t K, uint16_t* y) {
+    packed_pairs(x, M, p, N, K, y, 0);
 }
 static void packed32_form(const uint16_t* x, int64_t M, const uint16_t* p, int64_t N, int64_t K, uint16_t* y) {
-    const int64_t blocks = N / 32, block = (K / 2) * 64; /* elements of one 32-column block */
-#pragma omp parallel
-    {
-        const int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
-        const int64_t per = (blocks + nt - 1) / nt, b0 = t * per, b1 = b0 + per < blocks ? b0 + per : blocks;
-        for (int64_t bi = b0; bi < b1; bi++) {
-            const uint16_t* pa = p + bi * block;
-            for (int64_t m0 = 0; m0 < M; m0 += 8) { /* (M a multiple of 8 here) */
-                __m512 a[8], b[8];
-#pragma GCC unroll 8
-                for (int m = 0; m < 8; m++) a[m] = b[m] = _mm512_setzero_ps();
-                const uint16_t* xr = x + m0 * K;
-                for (int64_t kp = 0; kp < K / 2; kp++) {
-                    if (m0 == 0) {
-                        __builtin_prefetch(pa + kp * 64 + PF, 0, 0);
-                        __builtin_prefetch(pa + kp * 64 + 32 + PF, 0, 0);
-                    }
-                    const __m512bh wa = ld_bh(pa + kp * 64), wb = ld_bh(pa + kp * 64 + 32);
-#pragma GCC unroll 8
-                    for (int m = 0; m < 8; m++) {
-                        uint32_t v;
-                        memcpy(&v, xr + m * K + 2 * kp, 4);
-                        const __m512bh xb = (__m512bh)_mm512_set1_epi32((int)v);
-                        a[m] = _mm512_dpbf16_ps(a[m], xb, wa);
-                        b[m] = _mm512_dpbf16_ps(b[m], xb, wb);
-                    }
-                }
-#pragma GCC unroll 8
-                for (int m = 0; m < 8; m++) {
-                    uint16_t* yr = y + (m0 + m) * N + 32 * bi;
-                    _mm256_storeu_si256((__m256i*)yr, (__m256i)_mm512_cvtneps_pbh(a[m]));
-                    _mm256_storeu_si256((__m256i*)(yr + 16), (__m256i)_mm512_cvtneps_pbh(b[m]));
-                }
-            }
-        }
-    }
+    packed_pairs(x, M, p, N, K, y, 1);
 }
 
 typedef struct {
@@ -250,8 +212,8 @@ static void run(const sequence* seq, int M, int rounds, int passes) {
         p[i] = aligned_alloc(64, s.n * s.k * 2);
         p32[i] = aligned_alloc(64, s.n * s.k * 2);
         for (int64_t j = 0; j < s.n * s.k; j++) w[i][j] = f2b((float)rand() / RAND_MAX - 0.5f);
-        pack(w[i], s.n, s.k, p[i]);
-        pack32(w[i], s.n, s.k, p32[i]);
+        pack(w[i], s.n, s.k, p[i], 16);
+        pack(w[i], s.n, s.k, p32[i], 32);
         bytes += s.n * s.k * 2.0;
         if (s.k > kmax) kmax = s.k;
         if (s.n > nmax) nmax = s.n;

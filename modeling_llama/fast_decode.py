@@ -384,9 +384,9 @@ class FastDecoder:
     ) -> list:
         """The linear modules whose weights the compiled steps read packed (the ``packed_weights`` argument's rule;
         ``True`` was checked by :func:`_refuse_packing`)."""
-        forms = cpu_linear.forms() if not self.cuda else {}
         if packed_weights is False or self.cuda:
             return []
+        forms = cpu_linear.forms()
         linears = [m for m in model.modules() if isinstance(m, nn.Linear) and cpu_linear.packable(m.weight)]
         if packed_weights is None:  # the default: where measured faster, and where the copies fit
             nbytes = sum(m.weight.numel() * 2 for m in {id(m.weight): m for m in linears}.values())
