@@ -202,10 +202,13 @@ def _clean_copy(backend):
     return clean
 
 
-def _clean_ids(backend, texts: list[str], clean=None) -> list[list[int]]:
-    """The backend's own batch ids, from ``clean`` (``_clean_copy(backend)``, made here when not given)."""
-    clean = _clean_copy(backend) if clean is None else clean
-    return [e.ids for e in clean.encode_batch_fast(texts, add_special_tokens=False)]
+def _batch_ids(tok, texts: list[str]) -> list[list[int]]:
+    return [e.ids for e in tok.encode_batch_fast(texts, add_special_tokens=False)]
+
+
+def _clean_ids(backend, texts: list[str]) -> list[list[int]]:
+    """The backend's own batch ids, from its clean copy."""
+    return _batch_ids(_clean_copy(backend), texts)
 
 
 def test_encode_batch_ids_gives_the_backends_ids(real, trained):
@@ -267,4 +270,4 @@ def test_property_encode_batch_ids_gives_the_backends_ids(real_clean, texts):
     from modeling_llama.tokenization_llama_fast import encode_batch_ids
 
     backend, clean = real_clean
-    assert encode_batch_ids(backend, texts) == _clean_ids(backend, texts, clean)
+    assert encode_batch_ids(backend, texts) == _batch_ids(clean, texts)
